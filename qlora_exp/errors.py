@@ -1,0 +1,54 @@
+"""Exceptions a run can end with, each tied to a documented process exit code."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes of `qlora-train` (documented in the README)."""
+
+    OK = 0
+    CONFIG = 1  # Hydra's own compose errors (unknown key, wrong type) exit 1 as well
+    DATA = 3
+    NUMERICAL = 4
+    OUT_OF_MEMORY = 5
+    RUN_DIR = 6
+    OTHER = 7
+    PREEMPTED = 75  # EX_TEMPFAIL: rerun the same command to resume
+
+
+class QloraError(Exception):
+    """Base class: a failure we understand, with a message naming the cause and the fix."""
+
+    exit_code: ExitCode = ExitCode.OTHER
+
+
+class ConfigError(QloraError):
+    """The composed configuration is invalid or impossible."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class DataError(QloraError):
+    """The data cannot be read or yields no usable example."""
+
+    exit_code = ExitCode.DATA
+
+
+class NumericalError(QloraError):
+    """Loss or gradient norm became NaN or infinite."""
+
+    exit_code = ExitCode.NUMERICAL
+
+
+class OutOfMemoryError(QloraError):
+    """The accelerator ran out of memory."""
+
+    exit_code = ExitCode.OUT_OF_MEMORY
+
+
+class RunDirectoryError(QloraError):
+    """The run directory is in use by another process or cannot be written."""
+
+    exit_code = ExitCode.RUN_DIR

@@ -1,0 +1,140 @@
+"""Quantized-model factory: BitsAndBytesConfig -> from_pretrained -> prepare for k-bit -> LoRA."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import peft
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from qlora_exp.embedded_model import is_embedded, resolve_embedded
+from qlora_exp.errors import ConfigError
+from qlora_exp.schema import LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Architectures that soft-cap attention logits: SDPA silently drops the cap.
+SOFTCAP_MODEL_TYPES = frozenset({"gemma2"})
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+
+
+def resolve_source(cfg: ModelConfig) -> str:
+    """Where `from_pretrained` reads from: a hub id, a local dir, or a built embedded checkpoint."""
+    return str(resolve_embedded(cfg.name_or_path)) if is_embedded(cfg.name_or_path) else cfg.name_or_path
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """`auto` is bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return _DTYPES[name]
+
+
+def build_quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig:
+    """4-bit NF4 (or FP4) with optional double quantization, compute dtype from config."""
+    storage = _DTYPES[cfg.bnb_4bit_quant_storage] if cfg.bnb_4bit_quant_storage else torch.uint8
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=resolve_compute_dtype(cfg.bnb_4bit_compute_dtype),
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def build_lora_config(cfg: LoraConfig) -> peft.LoraConfig:
+    """peft's LoraConfig for a causal LM from our schema."""
+    targets: str | list[str] = (
+        "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
+    )
+    return peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias=cfg.bias,
+        use_rslora=cfg.use_rslora,
+        task_type=peft.TaskType.CAUSAL_LM,
+    )
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer from the same source as the model, with a pad token guaranteed."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        # Llama-3 and Mistral ship without one; padding positions are masked, so EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_attention(cfg: ModelConfig, source: str) -> None:
+    """Refuse attention implementations that are wrong for the architecture, before weights load."""
+    model_type = AutoConfig.from_pretrained(
+        source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    ).model_type
+    if model_type in SOFTCAP_MODEL_TYPES and cfg.attn_implementation == "sdpa":
+        raise ConfigError(
+            f"model.attn_implementation: sdpa drops {model_type}'s attention-logit soft-capping. "
+            "Fix: use eager, flex_attention or flash_attention_2 (>= 2.6)"
+        )
+
+
+def _device_map() -> dict[str, int | str] | None:
+    if not torch.cuda.is_available():
+        return None  # bitsandbytes quantizes on the CPU in place
+    # One full copy per process: data-parallel ranks each take their own GPU.
+    return {"": int(os.environ.get("LOCAL_RANK", 0))}
+
+
+def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
+    """The base model in 4 bits, loaded as any hub model is (`from_pretrained`)."""
+    source = resolve_source(cfg)
+    check_attention(cfg, source)
+    if cfg.trust_remote_code:
+        log.warning("model.trust_remote_code=true: executing code shipped with %s", source)
+    return AutoModelForCausalLM.from_pretrained(
+        source,
+        revision=cfg.revision,
+        quantization_config=build_quantization_config(cfg),
+        dtype=resolve_compute_dtype(cfg.bnb_4bit_compute_dtype),
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        device_map=_device_map(),
+    )
+
+
+def build_quantized_model(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> peft.PeftModel:
+    """4-bit base prepared for k-bit training (gradient checkpointing as configured) plus LoRA."""
+    base = load_quantized_base(model_cfg)
+    base = peft.prepare_model_for_kbit_training(
+        base,
+        use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    model = peft.get_peft_model(base, build_lora_config(lora_cfg))
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA: %d trainable of %d parameters (%.3f%%)", trainable, total, 100 * trainable / total)
+    return model
+
+
+def count_trainable_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters that receive gradients."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_adapter(model: peft.PeftModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> None:
+    """Adapter (safetensors) and tokenizer: what a user ships."""
+    model.save_pretrained(run_dir / "adapter", safe_serialization=True)
+    tokenizer.save_pretrained(run_dir / "tokenizer")

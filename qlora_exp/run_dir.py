@@ -1,0 +1,180 @@
+"""The run directory: claimed by one process, provenance first, COMPLETED or FAILED last."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from qlora_exp.errors import RunDirectoryError
+
+log = logging.getLogger(__name__)
+
+COMPLETED = "COMPLETED"
+FAILED = "FAILED"
+LOCK = ".run.lock"
+REDACTED = "<redacted>"
+SECRET_KEY = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
+TRACKED_PACKAGES = (
+    "qlora-exp",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+)
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of nested dicts/lists where every key ending in token/key/secret/password is redacted."""
+    if isinstance(value, dict):
+        return {k: REDACTED if SECRET_KEY.search(str(k)) else redact_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _git_state(repo: Path) -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def _package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _device() -> dict[str, Any]:
+    if torch.cuda.is_available():
+        return {
+            "type": "cuda",
+            "name": torch.cuda.get_device_name(0),
+            "count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+        }
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "count": os.cpu_count()}
+
+
+class RunDirectory:
+    """One run's directory. Use as a context manager: claims it, marks FAILED on any exception."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = path / LOCK
+
+    def __enter__(self) -> RunDirectory:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._claim()
+        for marker in (COMPLETED, FAILED):
+            (self.path / marker).unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            self.mark_failed(f"{type(exc).__name__}: {exc}")
+        self._lock.unlink(missing_ok=True)
+
+    def _claim(self) -> None:
+        # O_EXCL makes two processes that picked the same directory fail instead of sharing it.
+        try:
+            fd = os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = self._lock.read_text().strip() or "?"
+            if holder.isdigit() and _pid_alive(int(holder)):
+                raise RunDirectoryError(
+                    f"run directory {self.path} is in use by process {holder}. "
+                    "Fix: wait for it, or choose another hydra.run.dir"
+                ) from None
+            log.warning("removing stale lock of dead process %s in %s", holder, self.path)
+            self._lock.unlink(missing_ok=True)
+            fd = os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+
+    def file(self, name: str) -> Path:
+        """Path of a file inside the run directory."""
+        return self.path / name
+
+    def write_json(self, name: str, payload: Any) -> None:
+        """Atomically write `payload` as JSON to `name`."""
+        write_json_atomic(self.path / name, payload)
+
+    def write_resolved_config(self, config: dict[str, Any]) -> None:
+        """resolved_config.yaml: interpolations resolved, secrets redacted."""
+        text = yaml.safe_dump(redact_secrets(config), sort_keys=False, allow_unicode=True)
+        (self.path / "resolved_config.yaml").write_text(text, encoding="utf-8")
+
+    def write_provenance(self, **extra: Any) -> None:
+        """provenance.json: code version, packages, device, command; merged with earlier fields."""
+        path = self.path / "provenance.json"
+        current = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if not current:
+            current = {
+                "git": _git_state(Path(__file__).resolve().parent.parent),
+                "packages": _package_versions(),
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+                "device": _device(),
+                "argv": [_redact_arg(a) for a in sys.argv],
+            }
+        current.update(extra)
+        write_json_atomic(path, current)
+
+    def mark_completed(self) -> None:
+        """Written last: everything else in the directory is final."""
+        (self.path / COMPLETED).write_text("ok\n", encoding="utf-8")
+
+    def mark_failed(self, reason: str) -> None:
+        """Mark the run FAILED with its reason (the adapter, if any, is not a result)."""
+        (self.path / COMPLETED).unlink(missing_ok=True)
+        (self.path / FAILED).write_text(reason.strip() + "\n", encoding="utf-8")
+        log.error("run FAILED: %s (marked in %s)", reason, self.path)
+
+
+def _redact_arg(arg: str) -> str:
+    key, sep, _ = arg.partition("=")
+    return f"{key}={REDACTED}" if sep and SECRET_KEY.search(key) else arg
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

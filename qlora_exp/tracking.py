@@ -1,0 +1,90 @@
+"""Experiment tracking (Weights & Biases): one run per job, files inside the run directory.
+
+We log through our own small callback instead of transformers' WandbCallback: that one merges
+every TrainingArguments field into the W&B config, so the run's config would no longer be the
+resolved experiment config (and would carry fields such as hub tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import wandb
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from qlora_exp.run_dir import redact_secrets
+from qlora_exp.schema import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "wandb_run_id.txt"
+
+
+class Tracker:
+    """A W&B run (or nothing, for tracking=none) with log/summary/finish."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict[str, Any]) -> None:
+        self.run: Any = None
+        if cfg.backend == "none" or cfg.mode == "disabled":
+            log.info("tracking off (tracking.backend=%s, tracking.mode=%s)", cfg.backend, cfg.mode)
+            return
+        id_file = run_dir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            name=cfg.name,
+            job_type=cfg.job_type,
+            tags=list(cfg.tags),
+            config=redact_secrets(config),
+            dir=str(run_dir),
+            mode=cfg.mode,
+            id=run_id,
+            resume="allow",
+        )
+        id_file.write_text(run_id + "\n", encoding="utf-8")
+        log.info("W&B run %s (%s mode) in %s", run_id, cfg.mode, run_dir / "wandb")
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self.finish(failed=exc is not None)
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Log scalar metrics at `step`."""
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def summarize(self, metrics: dict[str, Any]) -> None:
+        """Put final metrics in the run summary."""
+        if self.run is not None:
+            self.run.summary.update(metrics)
+
+    def finish(self, failed: bool) -> None:
+        """Close the run; a failed job is marked with a non-zero exit code in W&B."""
+        if self.run is not None:
+            self.run.finish(exit_code=1 if failed else 0)
+            self.run = None
+
+
+class TrackingCallback(TrainerCallback):
+    """Forwards the Trainer's logs (loss, lr, grad norm, eval) to the tracker."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if logs and state.is_world_process_zero:
+            self.tracker.log(dict(logs), step=state.global_step)

@@ -1,0 +1,92 @@
+"""qlora-train: compose and validate the config, then seed, data, model, train, evaluate, save.
+
+This module only wires the components together; each lives in its own module.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
+
+from qlora_exp.data import DataModule
+from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
+from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
+from qlora_exp.run_dir import RunDirectory
+from qlora_exp.schema import register_configs, to_schema
+from qlora_exp.tracking import Tracker, TrackingCallback
+from qlora_exp.training import build_trainer, build_training_arguments, train_and_evaluate
+
+log = logging.getLogger("qlora_exp.train")
+register_configs()
+# conf/ sits beside the package in the source tree (installed editable by `make install`).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+OOM_ADVICE = (
+    "out of memory. Fix: lower trainer.per_device_train_batch_size and raise "
+    "trainer.gradient_accumulation_steps by the same factor, shorten data.max_length, "
+    "or keep model.gradient_checkpointing=true"
+)
+
+
+def run_experiment(cfg: DictConfig) -> float:
+    """One run in the Hydra run directory; returns eval_loss, the sweepers' objective."""
+    schema = to_schema(cfg)  # every cross-field rule, before any data or weights load
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    with RunDirectory(run_dir) as run:
+        log.info("run directory: %s", run_dir)
+        run.write_resolved_config(resolved)
+        run.write_provenance()
+        set_seed(schema.seed)
+        tokenizer = load_tokenizer(schema.model)
+        data = DataModule(schema.data, tokenizer, schema.seed)
+        data.setup()
+        run.write_json("data_stats.json", data.stats.to_dict())
+        run.write_provenance(data_fingerprint=data.fingerprint)
+        model = build_quantized_model(schema.model, schema.lora)
+        trainable = count_trainable_parameters(model)
+        extra = {"trainable_params": trainable, "lora_scale": schema.lora.scale}
+        with Tracker(schema.tracking, run_dir, {**resolved, **extra}) as tracker:
+            args = build_training_arguments(schema.trainer, run_dir, schema.seed)
+            trainer = build_trainer(model, tokenizer, data, args, [TrackingCallback(tracker)])
+            metrics = {**train_and_evaluate(trainer), **extra}
+            save_adapter(model, tokenizer, run_dir)
+            run.write_json("metrics.json", metrics)
+            tracker.summarize(metrics)
+        del trainer, model
+        gc.collect()
+        run.mark_completed()
+        log.info("COMPLETED: %s", run_dir)
+    return float(metrics["eval_loss"])
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Console entry point; failures become documented exit codes (README, "Exit codes")."""
+    try:
+        return run_experiment(cfg)
+    except QloraError as exc:
+        log.error("%s", exc)
+        raise SystemExit(exc.exit_code) from exc
+    except torch.OutOfMemoryError as exc:
+        log.error("%s", OOM_ADVICE)
+        raise SystemExit(OutOfMemoryError.exit_code) from exc
+    except Exception as exc:  # noqa: BLE001  unexpected: already marked FAILED; keep the traceback
+        log.exception("unexpected error")
+        raise SystemExit(ExitCode.OTHER) from exc
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
