@@ -1,0 +1,42 @@
+# qlora-exp: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# An exact torch pin: here pip takes the CPU wheel on local disk in seconds; on a GPU box the
+# same pin resolves to PyPI's CUDA build. A torch already in the venv is kept as it is.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install train smoke test test-fast lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed  ## create .venv and install the project (editable) with dev tools
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+train: install  ## run the default experiment offline (tiny embedded model); ARGS="..." adds overrides
+	$(BIN)/qlora-train $(ARGS)
+
+smoke: install  ## a seconds-long run (experiment=smoke)
+	$(BIN)/qlora-train experiment=smoke $(ARGS)
+
+test: install  ## the whole CPU test suite (what CI runs)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: install  ## the suite without the slow end-to-end runs
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install  ## ruff and mypy
+	$(BIN)/ruff check qlora_exp tests
+	$(BIN)/ruff format --check qlora_exp tests
+	$(BIN)/mypy qlora_exp
+
+clean:  ## remove run outputs and caches (not the venv, not the embedded model cache)
+	rm -rf outputs multirun .pytest_cache .ruff_cache .mypy_cache
