@@ -68,7 +68,9 @@ class DataStats:
 def load_rows(cfg: DataConfig, seed: int) -> list[dict[str, Any]]:
     """Rows in alpaca form from the configured source."""
     if cfg.source == "synthetic":
-        return generate_synthetic_examples(cfg.synthetic_size, seed=seed, zh_fraction=cfg.synthetic_zh_fraction)
+        return generate_synthetic_examples(
+            cfg.synthetic_size, seed=seed, zh_fraction=cfg.synthetic_zh_fraction
+        )
     path = Path(str(cfg.path)).expanduser()
     if not path.is_file():
         raise DataError(f"data.path: file not found: {path}. Fix: pass an existing .json or .jsonl file")
@@ -86,7 +88,9 @@ def load_rows(cfg: DataConfig, seed: int) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg}). Fix: one object per line") from exc
+                raise DataError(
+                    f"{path}:{number}: invalid JSON ({exc.msg}). Fix: one object per line"
+                ) from exc
         return rows
     try:
         loaded = json.loads(text)
@@ -130,7 +134,9 @@ def split_rows(rows: list[Any], val_fraction: float, seed: int) -> tuple[list[An
     return train, val
 
 
-def _render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool) -> list[int]:
+def _render_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool
+) -> list[int]:
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
     )

@@ -127,7 +127,7 @@ def train_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(corpus + ["user", "model", "system"], trainer=trainer)
+    tokenizer.train_from_iterator([*corpus, "user", "model", "system"], trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<bos>",

@@ -25,7 +25,12 @@ log = logging.getLogger(__name__)
 
 # Architectures that soft-cap attention logits: SDPA silently drops the cap.
 SOFTCAP_MODEL_TYPES = frozenset({"gemma2"})
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "uint8": torch.uint8,
+}
 
 
 def resolve_source(cfg: ModelConfig) -> str:
@@ -36,7 +41,9 @@ def resolve_source(cfg: ModelConfig) -> str:
 def resolve_compute_dtype(name: str) -> torch.dtype:
     """`auto` is bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 matmuls are slow)."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return (
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )
     return _DTYPES[name]
 
 
@@ -95,7 +102,7 @@ def _device_map() -> dict[str, int | str] | None:
     if not torch.cuda.is_available():
         return None  # bitsandbytes quantizes on the CPU in place
     # One full copy per process: data-parallel ranks each take their own GPU.
-    return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
 def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:

@@ -54,7 +54,7 @@ class ModelConfig:
         _require_choice(self.bnb_4bit_compute_dtype, "model.bnb_4bit_compute_dtype", COMPUTE_DTYPES)
         if self.bnb_4bit_quant_storage is not None:
             _require_choice(
-                self.bnb_4bit_quant_storage, "model.bnb_4bit_quant_storage", COMPUTE_DTYPES[1:] + ("uint8",)
+                self.bnb_4bit_quant_storage, "model.bnb_4bit_quant_storage", (*COMPUTE_DTYPES[1:], "uint8")
             )
 
 
@@ -72,9 +72,14 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _require(self.r > 0, "lora.r", f"must be positive, got {self.r}", "use e.g. lora.r=16")
-        _require(self.alpha > 0, "lora.alpha", f"must be positive, got {self.alpha}", "use e.g. lora.alpha=32")
         _require(
-            0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}", "use e.g. 0.05"
+            self.alpha > 0, "lora.alpha", f"must be positive, got {self.alpha}", "use e.g. lora.alpha=32"
+        )
+        _require(
+            0.0 <= self.dropout < 1.0,
+            "lora.dropout",
+            f"must be in [0, 1), got {self.dropout}",
+            "use e.g. 0.05",
         )
         _require(bool(self.target_modules), "lora.target_modules", "is empty", "use [all-linear] or names")
         _require_choice(self.bias, "lora.bias", ("none", "all", "lora_only"))
@@ -109,7 +114,10 @@ class DataConfig:
         )
         _require(self.synthetic_size > 1, "data.synthetic_size", "must be at least 2", "use e.g. 2000")
         _require(
-            0.0 <= self.synthetic_zh_fraction <= 1.0, "data.synthetic_zh_fraction", "must be in [0, 1]", "use 0.3"
+            0.0 <= self.synthetic_zh_fraction <= 1.0,
+            "data.synthetic_zh_fraction",
+            "must be in [0, 1]",
+            "use 0.3",
         )
         _require(
             self.sample_size is None or self.sample_size > 1,
@@ -159,16 +167,25 @@ class TrainerConfig:
             "no training would happen",
             "set trainer.max_steps > 0 or trainer.num_train_epochs > 0",
         )
-        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        for key in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+        ):
             value = getattr(self, key)
             _require(value >= 1, f"trainer.{key}", f"must be >= 1, got {value}", "use 1 or more")
         _require(
-            self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0", "use a step count or a share like 0.03"
+            self.warmup_steps >= 0,
+            "trainer.warmup_steps",
+            "must be >= 0",
+            "use a step count or a share like 0.03",
         )
         _require(self.logging_steps >= 1, "trainer.logging_steps", "must be >= 1", "use e.g. 10")
         _require_choice(self.precision, "trainer.precision", PRECISIONS)
         _require_choice(
-            self.train_sampling_strategy, "trainer.train_sampling_strategy", ("random", "sequential", "group_by_length")
+            self.train_sampling_strategy,
+            "trainer.train_sampling_strategy",
+            ("random", "sequential", "group_by_length"),
         )
 
 
@@ -226,7 +243,9 @@ def to_schema(cfg: DictConfig) -> Config:
     except OmegaConfBaseException as exc:  # e.g. a required value left MISSING
         raise ConfigError(f"{exc}".strip()) from exc
     if not isinstance(schema, Config):
-        raise ConfigError(f"composed config is a {type(schema).__name__}, not Config: is config_schema listed?")
+        raise ConfigError(
+            f"composed config is a {type(schema).__name__}, not Config: is config_schema listed?"
+        )
     return schema
 
 

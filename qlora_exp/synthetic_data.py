@@ -13,9 +13,31 @@ from collections.abc import Callable
 Example = dict[str, str]
 
 _WORDS = (
-    "apple banana cherry dragon planet river silver window orange garden rocket spring "
-    "coffee marble pencil summer winter yellow purple island forest castle mirror bottle"
-).split()
+    "apple",
+    "banana",
+    "cherry",
+    "dragon",
+    "planet",
+    "river",
+    "silver",
+    "window",
+    "orange",
+    "garden",
+    "rocket",
+    "spring",
+    "coffee",
+    "marble",
+    "pencil",
+    "summer",
+    "winter",
+    "yellow",
+    "purple",
+    "island",
+    "forest",
+    "castle",
+    "mirror",
+    "bottle",
+)
 
 
 def _numbers(rng: random.Random, count: int) -> list[int]:

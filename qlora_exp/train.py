@@ -79,7 +79,7 @@ def main(cfg: DictConfig) -> float:
     except torch.OutOfMemoryError as exc:
         log.error("%s", OOM_ADVICE)
         raise SystemExit(OutOfMemoryError.exit_code) from exc
-    except Exception as exc:  # noqa: BLE001  unexpected: already marked FAILED; keep the traceback
+    except Exception as exc:
         log.exception("unexpected error")
         raise SystemExit(ExitCode.OTHER) from exc
     finally:

@@ -60,7 +60,10 @@ def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> Tr
 def peak_memory() -> dict[str, Any]:
     """Peak accelerator memory allocated by torch, or the process's peak RSS on the CPU."""
     if torch.cuda.is_available():
-        return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "peak_memory_kind": "cuda_allocated"}
+        return {
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_memory_kind": "cuda_allocated",
+        }
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_memory_gb": rss_kb / 2**20, "peak_memory_kind": "cpu_max_rss"}
 

@@ -45,8 +45,9 @@ def smoke_schema() -> Config:
     return to_schema(compose_config("experiment=smoke"))
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run an installed console script (or `python -m`) the way a user would, capturing output."""
     command = [str(Path(sys.executable).parent / args[0]), *args[1:]]
     return subprocess.run(
@@ -55,5 +56,6 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,
         env={**os.environ, **(env or {})},
     )

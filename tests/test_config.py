@@ -1,0 +1,85 @@
+"""Config composition and rejection: bad input fails before any model or data loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qlora_exp.errors import ConfigError, ExitCode
+from qlora_exp.schema import to_schema
+from tests.conftest import compose_config, run_cli
+
+MODEL_PRESETS = [
+    "tiny",
+    "gemma2_9b_it",
+    "llama31_8b_instruct",
+    "mistral7b_instruct_v03",
+    "qwen25_7b_instruct",
+]
+
+
+def test_default_config_is_the_embedded_tiny_model() -> None:
+    schema = to_schema(compose_config())
+    assert schema.model.name_or_path == "embedded:tiny-gemma2"
+    assert schema.seed == 42
+    assert schema.tracking.backend == "wandb" and schema.tracking.mode == "offline"
+    assert schema.model.attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_model_presets_compose(preset: str) -> None:
+    schema = to_schema(compose_config(f"model={preset}"))
+    assert schema.model.name_or_path
+    if preset.startswith("gemma"):
+        assert schema.model.attn_implementation != "sdpa"
+
+
+def test_prototype_preset_matches_the_reviewed_experiment() -> None:
+    schema = to_schema(compose_config("experiment=prototype_gemma2_9b"))
+    assert schema.model.name_or_path == "google/gemma-2-9b-it"
+    assert (schema.lora.r, schema.lora.alpha, schema.lora.dropout) == (16, 32, 0.1)
+    assert schema.data.sample_size == 2000 and schema.seed == 42 and schema.data.max_length == 512
+    assert schema.trainer.num_train_epochs == 3 and schema.trainer.per_device_train_batch_size == 1
+    assert schema.trainer.learning_rate == 2e-4
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("lora.r=0", "lora.r"),
+        ("lora.dropout=1.5", "lora.dropout"),
+        ("trainer.learning_rate=-1", "trainer.learning_rate"),
+        ("trainer.max_steps=-1 trainer.num_train_epochs=0", "trainer.max_steps"),
+        ("data.source=local", "data.path"),
+        ("data.val_fraction=0", "data.val_fraction"),
+        ("model.bnb_4bit_quant_type=int3", "model.bnb_4bit_quant_type"),
+        ("tracking.mode=sometimes", "tracking.mode"),
+    ],
+)
+def test_impossible_values_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_schema(compose_config(*override.split()))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("lora.rr=3", "rr"),
+        ("trainer.learning_rate=abc", "trainer.learning_rate"),
+        ("data.source=local", "data.path"),
+    ],
+)
+def test_cli_rejects_bad_config_before_loading_anything(override: str, expected: str, tmp_path: Path) -> None:
+    result = run_cli("qlora-train", override, f"hydra.run.dir={tmp_path}/run", timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == ExitCode.CONFIG, output
+    assert expected in output
+    assert "Loading weights" not in output and "LoRA:" not in output
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_gemma_preset_names_the_model_in_exactly_one_place() -> None:
+    result = run_cli("qlora-train", "model=gemma2_9b_it", "--cfg", "job", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("google/gemma-2-9b-it") == 1, result.stdout

@@ -1,0 +1,67 @@
+"""The quantized-model factory: 4-bit NF4 base, frozen; LoRA adapters train."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from qlora_exp.errors import ConfigError
+from qlora_exp.model import (
+    build_lora_config,
+    build_quantization_config,
+    build_quantized_model,
+    check_attention,
+    resolve_source,
+)
+from qlora_exp.schema import Config
+
+
+def test_quantization_config_follows_the_schema(smoke_schema: Config) -> None:
+    smoke_schema.model.bnb_4bit_compute_dtype = "bfloat16"
+    smoke_schema.model.bnb_4bit_use_double_quant = False
+    config = build_quantization_config(smoke_schema.model)
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert config.bnb_4bit_use_double_quant is False
+
+
+def test_lora_config_follows_the_schema(smoke_schema: Config) -> None:
+    smoke_schema.lora.r, smoke_schema.lora.alpha, smoke_schema.lora.dropout = 4, 8, 0.1
+    config = build_lora_config(smoke_schema.lora)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8, 0.1)
+    assert config.target_modules == "all-linear"
+    smoke_schema.lora.target_modules = ["q_proj", "v_proj"]
+    assert set(build_lora_config(smoke_schema.lora).target_modules) == {"q_proj", "v_proj"}
+
+
+def test_sdpa_is_refused_for_gemma2_before_weights_load(smoke_schema: Config) -> None:
+    smoke_schema.model.attn_implementation = "sdpa"
+    with pytest.raises(ConfigError, match="soft-capping"):
+        check_attention(smoke_schema.model, resolve_source(smoke_schema.model))
+
+
+def test_adapter_weights_change_while_quantized_base_stays_frozen(smoke_schema: Config) -> None:
+    torch.manual_seed(0)
+    model = build_quantized_model(smoke_schema.model, smoke_schema.lora)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(smoke_schema.model))
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit, "base linear layers should be 4-bit"
+    assert all(m.weight.quant_type == "nf4" for m in four_bit)
+    base_before = {id(m): m.weight.data.clone() for m in four_bit}
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    lora_before = {n: p.detach().clone() for n, p in lora.items()}
+
+    batch = tokenizer(["What is 2 + 2? 4", "Sort 3, 1, 2. 1, 2, 3"], return_tensors="pt", padding=True)
+    optimizer = torch.optim.AdamW(lora.values(), lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    assert any(not torch.equal(lora_before[n], p) for n, p in lora.items())
+    assert all(torch.equal(base_before[id(m)], m.weight.data) for m in four_bit)
