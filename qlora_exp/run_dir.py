@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 
+from qlora_exp.distributed import is_main_process
 from qlora_exp.errors import RunDirectoryError
 
 log = logging.getLogger(__name__)
@@ -90,20 +91,28 @@ def _device() -> dict[str, Any]:
 
 
 class RunDirectory:
-    """One run's directory. Use as a context manager: claims it, marks FAILED on any exception."""
+    """One run's directory. Use as a context manager: claims it, marks FAILED on any exception.
+
+    In a distributed run every rank opens the same directory; only rank 0 (`writer`) writes to it.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.writer = is_main_process()
         self._lock = path / LOCK
 
     def __enter__(self) -> RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
+        if not self.writer:
+            return self
         self._claim()
         for marker in (COMPLETED, FAILED):
             (self.path / marker).unlink(missing_ok=True)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if not self.writer:
+            return
         if exc is not None:
             self.mark_failed(f"{type(exc).__name__}: {exc}")
         self._lock.unlink(missing_ok=True)
@@ -131,15 +140,21 @@ class RunDirectory:
 
     def write_json(self, name: str, payload: Any) -> None:
         """Atomically write `payload` as JSON to `name`."""
+        if not self.writer:
+            return
         write_json_atomic(self.path / name, payload)
 
     def write_resolved_config(self, config: dict[str, Any]) -> None:
         """resolved_config.yaml: interpolations resolved, secrets redacted."""
+        if not self.writer:
+            return
         text = yaml.safe_dump(redact_secrets(config), sort_keys=False, allow_unicode=True)
         (self.path / "resolved_config.yaml").write_text(text, encoding="utf-8")
 
     def write_provenance(self, **extra: Any) -> None:
         """provenance.json: code version, packages, device, command; merged with earlier fields."""
+        if not self.writer:
+            return
         path = self.path / "provenance.json"
         current = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         if not current:
@@ -156,10 +171,14 @@ class RunDirectory:
 
     def mark_completed(self) -> None:
         """Written last: everything else in the directory is final."""
+        if not self.writer:
+            return
         (self.path / COMPLETED).write_text("ok\n", encoding="utf-8")
 
     def mark_failed(self, reason: str) -> None:
         """Mark the run FAILED with its reason (the adapter, if any, is not a result)."""
+        if not self.writer:
+            return
         (self.path / COMPLETED).unlink(missing_ok=True)
         (self.path / FAILED).write_text(reason.strip() + "\n", encoding="utf-8")
         log.error("run FAILED: %s (marked in %s)", reason, self.path)

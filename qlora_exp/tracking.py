@@ -15,6 +15,7 @@ from typing import Any
 import wandb
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from qlora_exp.distributed import is_main_process
 from qlora_exp.run_dir import redact_secrets
 from qlora_exp.schema import TrackingConfig
 
@@ -28,6 +29,8 @@ class Tracker:
 
     def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict[str, Any]) -> None:
         self.run: Any = None
+        if not is_main_process():
+            return
         if cfg.backend == "none" or cfg.mode == "disabled":
             log.info("tracking off (tracking.backend=%s, tracking.mode=%s)", cfg.backend, cfg.mode)
             return

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from qlora_exp.data import DataModule
+from qlora_exp.distributed import quiet_non_main_ranks, run_stamp
 from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
 from qlora_exp.run_dir import RunDirectory
@@ -26,6 +27,7 @@ from qlora_exp.training import build_trainer, build_training_arguments, train_an
 
 log = logging.getLogger("qlora_exp.train")
 register_configs()
+OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
 # conf/ sits beside the package in the source tree (installed editable by `make install`).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -41,6 +43,7 @@ def run_experiment(cfg: DictConfig) -> float:
     schema = to_schema(cfg)  # every cross-field rule, before any data or weights load
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    quiet_non_main_ranks()
     with RunDirectory(run_dir) as run:
         log.info("run directory: %s", run_dir)
         run.write_resolved_config(resolved)
@@ -58,7 +61,8 @@ def run_experiment(cfg: DictConfig) -> float:
             args = build_training_arguments(schema.trainer, run_dir, schema.seed)
             trainer = build_trainer(model, tokenizer, data, args, [TrackingCallback(tracker)])
             metrics = {**train_and_evaluate(trainer), **extra}
-            save_adapter(model, tokenizer, run_dir)
+            if run.writer:
+                save_adapter(model, tokenizer, run_dir)
             run.write_json("metrics.json", metrics)
             tracker.summarize(metrics)
         del trainer, model

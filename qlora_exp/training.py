@@ -12,6 +12,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from qlora_exp.data import DataModule
+from qlora_exp.distributed import parameters_agree_across_ranks
+from qlora_exp.errors import QloraError
 from qlora_exp.schema import TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,13 @@ def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> Tr
         train_sampling_strategy=cfg.train_sampling_strategy,
         dataloader_num_workers=cfg.dataloader_num_workers,
         eval_strategy="no",
+        # The "before" evaluation runs inside train(), after the model is wrapped for DDP. Calling
+        # evaluate() before train() registers the bare model with accelerate, and train() then skips
+        # the DDP wrapper: ranks silently train apart (transformers 5.24; test_distributed guards it).
+        eval_on_start=True,
         save_strategy="no",
+        # Without an accelerator, say so: accelerate then runs multi-process CPU DDP over gloo.
+        use_cpu=not torch.cuda.is_available(),
         report_to="none",  # tracking goes through qlora_exp.tracking (see why there)
         seed=seed,
         data_seed=seed,
@@ -91,9 +99,9 @@ def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
     """Evaluate, train, evaluate again, all on the same in-memory model; returns run metrics."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    before = trainer.evaluate()["eval_loss"]
+    result = trainer.train()  # evaluates first (eval_on_start)
+    before = next(entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry)
     log.info("eval_loss before training: %.4f", before)
-    result = trainer.train()
     after = trainer.evaluate()["eval_loss"]
     runtime = float(result.metrics["train_runtime"])
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -107,8 +115,18 @@ def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
         "train_tokens": tokens,
         "train_tokens_per_second": tokens / runtime if runtime > 0 else 0.0,
         "train_runtime_s": runtime,
+        "world_size": trainer.args.world_size,
+        "effective_batch_size": trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps
+        * trainer.args.world_size,
+        "ranks_agree": parameters_agree_across_ranks(trainer.model),
         **peak_memory(),
     }
+    if not metrics["ranks_agree"]:
+        raise QloraError(
+            "data-parallel ranks ended with different adapter weights: gradients were not synchronised. "
+            "Fix: report this with train.log; do not use this run's adapter"
+        )
     log.info(
         "eval_loss %.4f -> %.4f, train_loss %.4f, %.0f tokens/s, %.1f s",
         before,
