@@ -8,7 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train smoke test test-fast lint bench clean
+NPROC ?= 2
+
+.PHONY: help install train smoke train-ddp train-fsdp test test-fast lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -26,6 +28,13 @@ train: install  ## run the default experiment offline (tiny embedded model); ARG
 
 smoke: install  ## a seconds-long run (experiment=smoke)
 	$(BIN)/qlora-train experiment=smoke $(ARGS)
+
+train-ddp: install  ## one run, data-parallel over NPROC processes (GPUs, or CPU via gloo)
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m qlora_exp.train $(ARGS)
+
+train-fsdp: install  ## one run sharded with FSDP over NPROC GPUs (FSDP-QLoRA)
+	$(BIN)/accelerate launch --config_file launch/fsdp_qlora.yaml --num_processes $(NPROC) \
+		-m qlora_exp.train experiment=fsdp_qlora $(ARGS)
 
 test: install  ## the whole CPU test suite (what CI runs)
 	$(BIN)/pytest $(PYTEST_ARGS)

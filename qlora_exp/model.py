@@ -101,6 +101,8 @@ def check_attention(cfg: ModelConfig, source: str) -> None:
 def _device_map() -> dict[str, int | str] | None:
     if not torch.cuda.is_available():
         return None  # bitsandbytes quantizes on the CPU in place
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return None  # FSDP places and shards the weights itself
     # One full copy per process: data-parallel ranks each take their own GPU.
     return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 

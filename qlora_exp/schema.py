@@ -56,6 +56,13 @@ class ModelConfig:
             _require_choice(
                 self.bnb_4bit_quant_storage, "model.bnb_4bit_quant_storage", (*COMPUTE_DTYPES[1:], "uint8")
             )
+            _require(
+                self.bnb_4bit_quant_storage in ("uint8", self.bnb_4bit_compute_dtype),
+                "model.bnb_4bit_quant_storage",
+                f"{self.bnb_4bit_quant_storage} differs from model.bnb_4bit_compute_dtype="
+                f"{self.bnb_4bit_compute_dtype}, so FSDP would see mixed dtypes",
+                "set both to the same dtype (e.g. bfloat16), or leave quant storage unset without FSDP",
+            )
 
 
 @dataclass
