@@ -140,7 +140,7 @@ def _render_ids(
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
     )
-    return list(encoded["input_ids"])
+    return list(encoded["input_ids"])  # type: ignore[call-overload,arg-type,index]
 
 
 def tokenize_conversation(

@@ -146,7 +146,7 @@ def build_checkpoint(name: str, target: Path) -> None:
     arch = ARCHITECTURES[name]
     log.info("building embedded checkpoint %s in %s (once; cached afterwards)", name, target)
     tokenizer = train_tokenizer(arch.tokenizer_vocab_size)
-    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    end_of_turn = int(tokenizer.convert_tokens_to_ids("<end_of_turn>"))  # type: ignore[arg-type]
     config = Gemma2Config(
         vocab_size=arch.vocab_size or len(tokenizer),
         hidden_size=arch.hidden_size,
@@ -168,7 +168,7 @@ def build_checkpoint(name: str, target: Path) -> None:
     torch.manual_seed(0)
     dtype = torch.float32 if arch.vocab_size is None else torch.bfloat16
     with torch.device("cpu"):
-        model = Gemma2ForCausalLM(config).to(dtype)
+        model = Gemma2ForCausalLM(config).to(dtype)  # type: ignore[arg-type]
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, end_of_turn],

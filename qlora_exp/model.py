@@ -69,7 +69,7 @@ def build_lora_config(cfg: LoraConfig) -> peft.LoraConfig:
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
-        bias=cfg.bias,
+        bias=cfg.bias,  # type: ignore[arg-type]  # validated by the schema
         use_rslora=cfg.use_rslora,
         task_type=peft.TaskType.CAUSAL_LM,
     )
@@ -145,5 +145,5 @@ def count_trainable_parameters(model: torch.nn.Module) -> int:
 
 def save_adapter(model: peft.PeftModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> None:
     """Adapter (safetensors) and tokenizer: what a user ships."""
-    model.save_pretrained(run_dir / "adapter", safe_serialization=True)
+    model.save_pretrained(str(run_dir / "adapter"), safe_serialization=True)
     tokenizer.save_pretrained(run_dir / "tokenizer")

@@ -45,7 +45,7 @@ class Tracker:
             tags=list(cfg.tags),
             config=redact_secrets(config),
             dir=str(run_dir),
-            mode=cfg.mode,
+            mode=cfg.mode,  # type: ignore[arg-type]  # validated by the schema
             id=run_id,
             resume="allow",
         )

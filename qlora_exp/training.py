@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from qlora_exp.data import DataModule
@@ -77,7 +78,7 @@ def peak_memory() -> dict[str, Any]:
 
 
 def build_trainer(
-    model: PreTrainedModel,
+    model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     data: DataModule,
     args: TrainingArguments,
@@ -119,7 +120,7 @@ def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
         "effective_batch_size": trainer.args.per_device_train_batch_size
         * trainer.args.gradient_accumulation_steps
         * trainer.args.world_size,
-        "ranks_agree": parameters_agree_across_ranks(trainer.model),
+        "ranks_agree": parameters_agree_across_ranks(trainer.model),  # type: ignore[arg-type]
         **peak_memory(),
     }
     if not metrics["ranks_agree"]:

@@ -88,5 +88,5 @@ def test_gemma_preset_names_the_model_in_exactly_one_place() -> None:
 def test_fsdp_preset_stores_4bit_weights_in_the_compute_dtype() -> None:
     schema = to_schema(compose_config("experiment=fsdp_qlora"))
     assert schema.model.bnb_4bit_quant_storage == schema.model.bnb_4bit_compute_dtype == "bfloat16"
-    with pytest.raises(ConfigError, match="model.bnb_4bit_quant_storage"):
+    with pytest.raises(ConfigError, match=r"model\.bnb_4bit_quant_storage"):
         to_schema(compose_config("experiment=fsdp_qlora", "model.bnb_4bit_compute_dtype=float16"))
