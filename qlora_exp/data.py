@@ -21,7 +21,14 @@ import numpy as np
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-from qlora_exp.data_formats import Conversation, Drop, Message, alpaca_to_messages, detect_format, to_conversation
+from qlora_exp.data_formats import (
+    Conversation,
+    Drop,
+    Message,
+    alpaca_to_messages,
+    detect_format,
+    to_conversation,
+)
 from qlora_exp.data_sources import load_rows
 from qlora_exp.errors import DataError
 from qlora_exp.packing import FlatteningCollator, build_collator, pack_examples, token_slots
@@ -178,7 +185,9 @@ class DataModule:
         self.val_conversations = [conversation.messages for conversation, _ in val]
         self.stats.train_rows, self.stats.val_rows = len(train_encoded), len(val_encoded)
         self.stats.lengths = [len(e.input_ids) for e in train_encoded]
-        self.stats.target_tokens = sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in train_encoded)
+        self.stats.target_tokens = sum(
+            sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in train_encoded
+        )
         self.train_dataset = self._dataset(train_encoded)
         self.val_dataset = self._dataset(val_encoded)
         self.stats.batch_rows = len(self.train_dataset)
@@ -194,7 +203,11 @@ class DataModule:
         kept = []
         for conversation, origin in conversations:
             result = encode_conversation(
-                conversation, self.tokenizer, self.cfg.max_length, self.cfg.overlength, self.cfg.train_on_prompt
+                conversation,
+                self.tokenizer,
+                self.cfg.max_length,
+                self.cfg.overlength,
+                self.cfg.train_on_prompt,
             )
             if isinstance(result, Drop):
                 if result.reason == OVER_LENGTH and self.cfg.overlength == "error":
@@ -227,7 +240,9 @@ class DataModule:
             f"{reason} x{count} (e.g. {self.stats.drop_examples[reason][0]})"
             for reason, count in self.stats.dropped.most_common()
         )
-        return f"dropped {shown}. Fix: check the data's fields, data.format and data.columns.*, data.max_length"
+        return (
+            f"dropped {shown}. Fix: check the data's fields, data.format and data.columns.*, data.max_length"
+        )
 
     def _log_summary(self) -> None:
         stats = self.stats.to_dict()

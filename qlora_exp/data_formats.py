@@ -105,13 +105,17 @@ def to_conversation(
         if fmt == "prompt_completion":
             return _from_prompt_completion(row, columns, role_map)
         if fmt == "text":
-            return Conversation([{"role": "assistant", "content": _required_text(row, columns.text)}], raw=True)
+            return Conversation(
+                [{"role": "assistant", "content": _required_text(row, columns.text)}], raw=True
+            )
     except _RowProblem as problem:
         return problem.drop
     raise ValueError(f"unknown format {fmt!r}")  # the schema allows only the formats above
 
 
-def alpaca_to_messages(row: Mapping[str, Any], columns: DataColumnsConfig | None = None) -> list[Message] | None:
+def alpaca_to_messages(
+    row: Mapping[str, Any], columns: DataColumnsConfig | None = None
+) -> list[Message] | None:
     """One alpaca row as a conversation; None when a required field is missing or empty."""
     result = to_conversation(row, "alpaca", columns or DataColumnsConfig(), {})
     return result.messages if isinstance(result, Conversation) else None
@@ -130,7 +134,9 @@ def _from_alpaca(row: Mapping[str, Any], columns: DataColumnsConfig) -> Conversa
         raise _RowProblem(MALFORMED, f"{columns.history!r} must be a list of [instruction, response] pairs")
     for turn, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise _RowProblem(MALFORMED, f"{columns.history!r}[{turn}] is not an [instruction, response] pair")
+            raise _RowProblem(
+                MALFORMED, f"{columns.history!r}[{turn}] is not an [instruction, response] pair"
+            )
         question, answer = (str(part or "").strip() for part in pair)
         if not question or not answer:
             raise _RowProblem(MISSING_FIELD, f"{columns.history!r}[{turn}] has an empty side")
@@ -148,7 +154,9 @@ def _from_prompt_completion(
     if isinstance(prompt, str) and isinstance(completion, str):
         if not prompt.strip() or not completion.strip():
             raise _RowProblem(MISSING_FIELD, "empty prompt or completion")
-        return Conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], raw=True)
+        return Conversation(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], raw=True
+        )
     # Conversational pairs (TRL's format): lists of messages, or a string completion after them.
     head = _parse_messages(prompt, columns, role_map)
     tail = (
@@ -197,7 +205,7 @@ def _message_text(content: Any, turn: int) -> str:
 
 def _required(row: Mapping[str, Any], column: str) -> Any:
     value = row.get(column)
-    if value is None or value == "" or value == []:
+    if value is None or value in ("", []):
         raise _RowProblem(MISSING_FIELD, f"column {column!r} is missing or empty")
     return value
 

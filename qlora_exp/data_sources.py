@@ -41,7 +41,9 @@ class SourceRow:
 def load_rows(cfg: DataConfig, seed: int) -> list[SourceRow]:
     """Every row of the configured source, in source order."""
     if cfg.source == "synthetic":
-        rows = generate_synthetic_examples(cfg.synthetic_size, seed=seed, zh_fraction=cfg.synthetic_zh_fraction)
+        rows = generate_synthetic_examples(
+            cfg.synthetic_size, seed=seed, zh_fraction=cfg.synthetic_zh_fraction
+        )
         return [SourceRow(row, f"synthetic#{i}") for i, row in enumerate(rows)]
     if cfg.source == "hub":
         return load_hub_rows(str(cfg.hub_id), cfg.hub_config, cfg.split, cfg.revision)
@@ -68,7 +70,9 @@ def read_file_rows(path: Path) -> list[SourceRow]:
     """Rows of one .json / .jsonl / .csv / .parquet file."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise DataError(f"data.path: {path} has an unsupported extension. Fix: use one of {', '.join(SUFFIXES)}")
+        raise DataError(
+            f"data.path: {path} has an unsupported extension. Fix: use one of {', '.join(SUFFIXES)}"
+        )
     if suffix == ".parquet":
         return _read_parquet(path)
     text = read_utf8(path)
@@ -86,7 +90,9 @@ def read_utf8(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except OSError as exc:  # permission denied, a directory, an I/O error
-        raise DataError(f"data.path: cannot read {path}: {exc.strerror or exc}. Fix: check the file's permissions") from exc
+        raise DataError(
+            f"data.path: cannot read {path}: {exc.strerror or exc}. Fix: check the file's permissions"
+        ) from exc
     try:
         return raw.decode("utf-8-sig")  # tolerate a UTF-8 byte-order mark
     except UnicodeDecodeError as exc:
@@ -105,7 +111,9 @@ def _parse_jsonl(text: str, path: Path) -> list[SourceRow]:
         try:
             rows.append(SourceRow(json.loads(line), f"{path}:{number}"))
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: invalid JSON ({exc.msg}). Fix: one JSON object per line") from exc
+            raise DataError(
+                f"{path}:{number}: invalid JSON ({exc.msg}). Fix: one JSON object per line"
+            ) from exc
     return rows
 
 

@@ -29,7 +29,10 @@ class FlatteningCollator(DataCollatorWithFlattening):
     with use_cache=False so that the model's packed-sequence mask is used (see the module docstring)."""
 
     def __call__(
-        self, features: list[dict[str, Any]], return_tensors: str | None = None, separator_id: int | None = None
+        self,
+        features: list[dict[str, Any]],
+        return_tensors: str | None = None,
+        separator_id: int | None = None,
     ) -> dict[str, Any]:
         examples = [example for feature in features for example in unpack_bin(feature)]
         batch = super().__call__(examples, return_tensors=return_tensors, separator_id=separator_id)
@@ -44,7 +47,9 @@ def unpack_bin(feature: dict[str, Any]) -> list[dict[str, Any]]:
     examples, start = [], 0
     for length in feature["seq_lengths"]:
         end = start + int(length)
-        examples.append({"input_ids": feature["input_ids"][start:end], "labels": feature["labels"][start:end]})
+        examples.append(
+            {"input_ids": feature["input_ids"][start:end], "labels": feature["labels"][start:end]}
+        )
         start = end
     return examples
 
@@ -55,7 +60,9 @@ def pack_examples(dataset: Dataset, capacity: int) -> Dataset:
     return pack_dataset(dataset.select_columns(["input_ids", "labels"]), capacity, strategy="bfd")
 
 
-def build_collator(packing: str, tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq | FlatteningCollator:
+def build_collator(
+    packing: str, tokenizer: PreTrainedTokenizerBase
+) -> DataCollatorForSeq2Seq | FlatteningCollator:
     """`none`: pad each batch to its own longest row; otherwise flatten (see the module docstring)."""
     if packing == "none":
         return DataCollatorForSeq2Seq(

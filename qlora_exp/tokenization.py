@@ -79,7 +79,9 @@ def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, setting: str | Non
     return str(tokenizer.chat_template)
 
 
-def _render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool) -> list[int]:
+def _render_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool
+) -> list[int]:
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
     )
@@ -89,7 +91,7 @@ def _render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], gen
 def tokenize_conversation(
     messages: list[Message], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool = False
 ) -> dict[str, list[int]]:
-    """Ids of the rendered conversation; labels = ids on assistant turns (end of turn included), -100 elsewhere."""
+    """Ids of the rendered conversation; labels: ids on assistant turns (end of turn included), else -100."""
     input_ids = _render_ids(tokenizer, messages, generation_prompt=False)
     labels = list(input_ids) if train_on_prompt else [IGNORE_INDEX] * len(input_ids)
     if not train_on_prompt:
@@ -100,7 +102,7 @@ def tokenize_conversation(
             upto = _render_ids(tokenizer, messages[: turn + 1], generation_prompt=False)
             if input_ids[: len(upto)] != upto or upto[: len(prompt)] != prompt:
                 raise TemplateMismatch(
-                    f"the chat template renders the conversation up to turn {turn} differently from the whole "
+                    f"the chat template renders the conversation up to turn {turn} unlike the whole "
                     "(not a token prefix), so prompt masking would be wrong. Fix: set data.chat_template "
                     f"to a prefix-consistent template (e.g. {', '.join(NAMED_TEMPLATES)})"
                 )
@@ -149,5 +151,8 @@ def encode_conversation(
             return Drop(OVER_LENGTH, f"{len(input_ids)} tokens > data.max_length={max_length}")
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never a target (shifted away)
-        return Drop(NO_TRAINABLE_TOKENS, "no assistant tokens to train on" + (" after truncation" if truncated else ""))
+        return Drop(
+            NO_TRAINABLE_TOKENS,
+            "no assistant tokens to train on" + (" after truncation" if truncated else ""),
+        )
     return Encoded(input_ids, labels, truncated)
