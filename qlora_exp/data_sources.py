@@ -151,8 +151,8 @@ def load_hub_rows(hub_id: str, config_name: str | None, split: str, revision: st
         ) from exc
     except (ConnectionError, OSError) as exc:
         raise DataError(
-            f"data.hub_id: cannot fetch {hub_id}: {exc}. Fix: check the network, or set HF_HUB_OFFLINE=1 "
-            "to use a cached copy"
+            f"data.hub_id: cannot fetch {hub_id}: {exc}. Fix: check the network and the id; offline, "
+            "download the files and use data.source=local data.path=DIR"
         ) from exc
     except ValueError as exc:  # unknown split or configuration name
         raise DataError(f"data.split / data.hub_config for {hub_id}: {exc}") from exc

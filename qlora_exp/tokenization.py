@@ -143,7 +143,11 @@ def encode_conversation(
     except TemplateMismatch as exc:
         return Drop(TEMPLATE_INCONSISTENT, str(exc))
     except TemplateError as exc:  # the template's own checks (e.g. roles must alternate)
-        return Drop(TEMPLATE_ERROR, f"the chat template refused the conversation: {exc}")
+        return Drop(
+            TEMPLATE_ERROR,
+            f"the chat template refused the conversation: {exc}. Fix: set data.chat_template to "
+            "a template that accepts it (gemma folds a system turn into the first user turn)",
+        )
     input_ids, labels = encoded["input_ids"], encoded["labels"]
     truncated = len(input_ids) > max_length
     if truncated:
