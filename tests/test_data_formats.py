@@ -21,7 +21,9 @@ COLUMNS = DataColumnsConfig()
 QA = [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2"}]
 
 
-def _convert(row: object, fmt: str, role_map: dict[str, str] | None = None, **columns: str) -> Conversation | Drop:
+def _convert(
+    row: object, fmt: str, role_map: dict[str, str] | None = None, **columns: str
+) -> Conversation | Drop:
     return to_conversation(row, fmt, DataColumnsConfig(**columns), role_map or {})
 
 
@@ -91,7 +93,10 @@ def test_sharegpt_tool_roles_are_rejected_with_the_fix_unless_mapped() -> None:
 def test_string_prompt_completion_is_raw_and_conversational_pairs_use_the_template() -> None:
     raw = _convert({"prompt": "The capital of France is", "completion": " Paris."}, "prompt_completion")
     assert raw == Conversation(
-        [{"role": "user", "content": "The capital of France is"}, {"role": "assistant", "content": " Paris."}],
+        [
+            {"role": "user", "content": "The capital of France is"},
+            {"role": "assistant", "content": " Paris."},
+        ],
         raw=True,
     )
     chat = _convert({"prompt": QA[:1], "completion": QA[1:]}, "prompt_completion")
@@ -127,7 +132,10 @@ def test_auto_detects_each_format(row: dict, expected: str) -> None:
 
 
 def test_auto_detect_follows_column_mapping_and_names_the_columns_when_nothing_fits() -> None:
-    assert detect_format([{"question": "x", "output": "y"}], DataColumnsConfig(instruction="question")) == "alpaca"
+    assert (
+        detect_format([{"question": "x", "output": "y"}], DataColumnsConfig(instruction="question"))
+        == "alpaca"
+    )
     with pytest.raises(DataError, match=r"\['answer', 'question'\].*data.columns"):
         detect_format([{"question": "x", "answer": "y"}], COLUMNS)
 

@@ -13,7 +13,10 @@ import pytest
 from qlora_exp.data_sources import load_hub_rows, load_local_rows
 from qlora_exp.errors import DataError
 
-ROWS = [{"instruction": "Say hi.", "input": "", "output": "hi"}, {"instruction": "Say 你好.", "input": "", "output": "你好"}]
+ROWS = [
+    {"instruction": "Say hi.", "input": "", "output": "hi"},
+    {"instruction": "Say 你好.", "input": "", "output": "你好"},
+]
 
 
 def _write(path: Path, kind: str) -> Path:

@@ -25,7 +25,8 @@ from qlora_exp.tokenization import (
 
 # Qwen2.5's template without tools: a default system prompt when the data has none.
 QWEN_STYLE = (
-    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
     "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
     "{%- for message in messages %}{%- if message.role != 'system' %}"
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
@@ -34,20 +35,23 @@ QWEN_STYLE = (
 )
 # Llama-3.1's shape: a system header (with dates) always, <|eot_id|> ends every turn.
 LLAMA3_STYLE = (
-    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content']|trim %}"
     "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
     "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
     "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' }}"
     "{{- system_message }}{{- '<|eot_id|>' }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 # Mistral v0.3's habit: the system prompt goes into the *last* user turn, so prefixes differ.
 MISTRAL_STYLE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-    "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
     "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
     "{% if loop.last and system %}{{ '[INST] ' + system + '\\n\\n' + message['content'] + '[/INST]' }}"
     "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
@@ -55,8 +59,9 @@ MISTRAL_STYLE = (
 )
 # Gemma-2-it's own template refuses system turns.
 GEMMA_STRICT = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
     "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
 )
@@ -86,7 +91,9 @@ def _tokenizer(base: PreTrainedTokenizerBase, template: str | None) -> PreTraine
     return tokenizer
 
 
-def _encode(conversation: Conversation, tokenizer: PreTrainedTokenizerBase, **kwargs: object) -> Encoded | Drop:
+def _encode(
+    conversation: Conversation, tokenizer: PreTrainedTokenizerBase, **kwargs: object
+) -> Encoded | Drop:
     options = {"max_length": 512, "overlength": "drop", "train_on_prompt": False} | kwargs
     return encode_conversation(conversation, tokenizer, **options)  # type: ignore[arg-type]
 
@@ -124,7 +131,9 @@ def test_every_assistant_turn_and_its_end_of_turn_is_trained_and_nothing_else(
         if label != IGNORE_INDEX and (i == 0 or encoded.labels[i - 1] == IGNORE_INDEX)
     )
     assert runs == 2
-    assert all(label in (IGNORE_INDEX, token) for token, label in zip(encoded.input_ids, encoded.labels, strict=True))
+    assert all(
+        label in (IGNORE_INDEX, token) for token, label in zip(encoded.input_ids, encoded.labels, strict=True)
+    )
 
 
 def test_train_on_prompt_trains_system_and_user_turns_too(base_tokenizer: PreTrainedTokenizerBase) -> None:
@@ -176,7 +185,9 @@ def test_raw_text_trains_every_token_and_ends_with_eos(base_tokenizer: PreTraine
     assert encoded.labels == encoded.input_ids and encoded.input_ids[-1] == base_tokenizer.eos_token_id
 
 
-def test_raw_prompt_completion_trains_the_completion_and_eos_only(base_tokenizer: PreTrainedTokenizerBase) -> None:
+def test_raw_prompt_completion_trains_the_completion_and_eos_only(
+    base_tokenizer: PreTrainedTokenizerBase,
+) -> None:
     pair = Conversation(
         [{"role": "user", "content": "What is 3 + 5?"}, {"role": "assistant", "content": " 8"}], raw=True
     )
