@@ -179,7 +179,7 @@ def _parse_messages(value: Any, columns: DataColumnsConfig, role_map: Mapping[st
         if role is None:
             raise _RowProblem(
                 UNMAPPABLE_ROLE,
-                f"message {turn} has role {raw_role!r}. Fix: map it, e.g. data.role_map.{raw_role}=user "
+                f"message {turn} has role {raw_role!r}. Fix: map it, e.g. +data.role_map.{raw_role}=user "
                 "(or assistant to train on it)",
             )
         content = _message_text(message.get(columns.content, message.get("value")), turn)

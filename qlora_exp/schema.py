@@ -120,7 +120,8 @@ class DataConfig:
     revision: str | None = None
     format: str = "auto"  # auto | alpaca | messages | sharegpt | prompt_completion | text
     columns: DataColumnsConfig = field(default_factory=DataColumnsConfig)
-    # Roles beyond the known aliases, e.g. {observation: user, function_call: assistant}.
+    # Roles beyond the known aliases, e.g. {observation: user, function_call: assistant};
+    # on the command line: +data.role_map.observation=user
     role_map: dict[str, str] = field(default_factory=dict)
     synthetic_size: int = 2000
     synthetic_zh_fraction: float = 0.3
