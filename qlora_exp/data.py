@@ -13,14 +13,16 @@ import hashlib
 import json
 import logging
 import random
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+import time
+from collections import Counter
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from qlora_exp.data_cache import CachedData, cache_key, load_entry, save_entry, tokenizer_fingerprint
 from qlora_exp.data_formats import (
     Conversation,
     Drop,
@@ -29,10 +31,10 @@ from qlora_exp.data_formats import (
     detect_format,
     to_conversation,
 )
-from qlora_exp.data_sources import load_rows
+from qlora_exp.data_sources import SourceRow, load_rows
 from qlora_exp.errors import DataError
 from qlora_exp.packing import FlatteningCollator, build_collator, pack_examples, token_slots
-from qlora_exp.schema import DataConfig
+from qlora_exp.schema import DataConfig, to_plain_dict
 from qlora_exp.tokenization import (
     IGNORE_INDEX,
     OVER_LENGTH,
@@ -65,7 +67,7 @@ class DataStats:
     rows_sampled: int = 0
     format: str = ""
     dropped: Counter[str] = field(default_factory=Counter)
-    drop_examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    drop_examples: dict[str, list[str]] = field(default_factory=dict)
     truncated: int = 0
     train_rows: int = 0
     val_rows: int = 0
@@ -75,12 +77,25 @@ class DataStats:
     batch_rows: int = 0  # rows the train loader draws from: examples, or packed bins
     token_slots: int = 0  # token positions the model computes over in one epoch
     bin_capacity: int = 0  # packed: tokens a bin holds (data.max_length)
+    cache_hit: bool = False
+    prepare_seconds: float = 0.0
+
+    def as_fields(self) -> dict[str, Any]:
+        """The fields as JSON-safe values, for the cache (`dataclasses.asdict` mangles a Counter)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**values, "dropped": dict(self.dropped)}
+
+    @classmethod
+    def from_fields(cls, values: dict[str, Any]) -> DataStats:
+        """Rebuild from `as_fields` output."""
+        return cls(**{**values, "dropped": Counter(values["dropped"])})
 
     def record_drop(self, drop: Drop, origin: str) -> None:
         """Count a dropped row; keep the first few for the log."""
         self.dropped[drop.reason] += 1
-        if len(self.drop_examples[drop.reason]) < DROP_EXAMPLES_SHOWN:
-            self.drop_examples[drop.reason].append(f"{origin}: {drop.detail}")
+        examples = self.drop_examples.setdefault(drop.reason, [])
+        if len(examples) < DROP_EXAMPLES_SHOWN:
+            examples.append(f"{origin}: {drop.detail}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary with length percentiles and packing efficiency."""
@@ -94,6 +109,8 @@ class DataStats:
             "rows_dropped": dict(self.dropped),
             "rows_dropped_examples": {k: list(v) for k, v in self.drop_examples.items()},
             "rows_truncated": self.truncated,
+            "cache_hit": self.cache_hit,
+            "prepare_seconds": round(self.prepare_seconds, 3),
             "train_rows": self.train_rows,
             "val_rows": self.val_rows,
             "train_tokens": real,
@@ -157,17 +174,41 @@ class DataModule:
         self.fingerprint = ""
 
     def setup(self) -> None:
-        """Load, normalise, sample, split, tokenize and pack; DataError when nothing usable remains."""
-        resolve_chat_template(self.tokenizer, self.cfg.chat_template)
+        """Load, normalise, sample, split, tokenize and pack (or reuse the cached result of that)."""
+        started = time.perf_counter()
+        template = resolve_chat_template(self.tokenizer, self.cfg.chat_template)
         rows = load_rows(self.cfg, self.seed)
-        self.stats.rows_read = len(rows)
         sampled = sample_rows(rows, self.cfg.sample_size, self.seed)
-        self.stats.rows_sampled = len(sampled)
         self.fingerprint = fingerprint_rows([row.data for row in sampled])
+        key = cache_key(
+            rows=self.fingerprint,
+            data={k: v for k, v in to_plain_dict(self.cfg).items() if k != "cache"},
+            seed=self.seed,
+            tokenizer=tokenizer_fingerprint(self.tokenizer),
+            template=template,
+            batch_size=self.batch_size,
+        )
+        entry = load_entry(key) if self.cfg.cache else None
+        cache_hit = entry is not None
+        if entry is None:
+            self.stats.rows_read = len(rows)
+            entry = self._build(sampled)
+            if self.cfg.cache:
+                save_entry(key, entry)
+        self.train_dataset, self.val_dataset = entry.train, entry.val
+        self.stats = DataStats.from_fields(entry.stats)
+        self.train_conversations = entry.train_conversations
+        self.val_conversations = [conversation.messages for conversation in entry.val_conversations]
+        self.stats.cache_hit = cache_hit
+        self.stats.prepare_seconds = time.perf_counter() - started
+        self._log_summary()
+
+    def _build(self, sampled: list[SourceRow]) -> CachedData:
         fmt = self.cfg.format
         if fmt == "auto":
             fmt = detect_format((row.data for row in sampled), self.cfg.columns)
             log.info("data.format=auto: the columns look like %s (set data.format to override)", fmt)
+        self.stats.rows_sampled = len(sampled)
         self.stats.format = fmt
         conversations: list[tuple[Conversation, str]] = []
         for row in sampled:
@@ -181,19 +222,22 @@ class DataModule:
         train, val = split_rows(conversations, self.cfg.val_fraction, self.seed)
         train_encoded = self._encode(train, "train")
         val_encoded = self._encode(val, "validation")
-        self.train_conversations = [conversation for conversation, _ in train]
-        self.val_conversations = [conversation.messages for conversation, _ in val]
         self.stats.train_rows, self.stats.val_rows = len(train_encoded), len(val_encoded)
         self.stats.lengths = [len(e.input_ids) for e in train_encoded]
         self.stats.target_tokens = sum(
             sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in train_encoded
         )
-        self.train_dataset = self._dataset(train_encoded)
-        self.val_dataset = self._dataset(val_encoded)
-        self.stats.batch_rows = len(self.train_dataset)
+        train_dataset = self._dataset(train_encoded)
+        self.stats.batch_rows = len(train_dataset)
         self.stats.bin_capacity = self.cfg.max_length if self.cfg.packing == "packed" else 0
         self.stats.token_slots = token_slots(self.stats.lengths, self.cfg.packing, self.batch_size)
-        self._log_summary()
+        return CachedData(
+            train=train_dataset,
+            val=self._dataset(val_encoded),
+            stats=self.stats.as_fields(),
+            train_conversations=[conversation for conversation, _ in train],
+            val_conversations=[conversation for conversation, _ in val],
+        )
 
     def collator(self) -> DataCollatorForSeq2Seq | FlatteningCollator:
         """Pads each batch to its own longest row (packing=none), or flattens it (padding_free, packed)."""
@@ -248,7 +292,7 @@ class DataModule:
         stats = self.stats.to_dict()
         log.info(
             "data: %d rows read, %d sampled, format %s, %d train, %d validation, %d truncated; "
-            "train length p50 %.0f p99 %.0f max %d; packing %s, efficiency %.3f",
+            "train length p50 %.0f p99 %.0f max %d; packing %s, efficiency %.3f; prepared in %.2f s%s",
             stats["rows_read"],
             stats["rows_sampled"],
             stats["format"],
@@ -260,6 +304,8 @@ class DataModule:
             stats["length"]["max"],
             self.cfg.packing,
             stats["packing"]["efficiency"],
+            self.stats.prepare_seconds,
+            " (cached tokenization)" if self.stats.cache_hit else "",
         )
         for reason, count in self.stats.dropped.most_common():
             log.warning("data: dropped %d rows (%s), e.g.:", count, reason)

@@ -31,7 +31,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def _module(path: Path, tokenizer: PreTrainedTokenizerBase, **overrides: object) -> DataModule:
-    settings: dict = {"val_fraction": 0.25, "max_length": 64, **overrides}
+    settings: dict = {"val_fraction": 0.25, "max_length": 64, "cache": False, **overrides}
     cfg = DataConfig(source="local", path=str(path), **settings)
     data = DataModule(cfg, tokenizer, seed=0, batch_size=2)
     data.setup()
@@ -110,3 +110,22 @@ def test_csv_with_mapped_columns_and_packing_stats(
     assert stats["train_tokens"] == sum(data.stats.lengths)
     padded = _module(path, tokenizer, columns=columns).stats.to_dict()["packing"]
     assert padded["mode"] == "none" and 0 < padded["efficiency"] <= 1
+
+
+def test_tokenized_data_is_cached_under_a_fingerprint(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QLORA_EXP_CACHE", str(tmp_path / "cache"))
+    rows = [_sharegpt(f"What is {i} + {i}?", str(2 * i)) for i in range(12)] + [_sharegpt("", "x")]
+    path = _write_jsonl(tmp_path / "c.jsonl", rows)
+    first = _module(path, tokenizer, cache=True)
+    second = _module(path, tokenizer, cache=True)
+    assert not first.stats.cache_hit and second.stats.cache_hit
+    assert first.train_dataset is not None and second.train_dataset is not None
+    assert first.train_dataset["labels"] == second.train_dataset["labels"]
+    assert first.val_conversations == second.val_conversations
+    assert second.stats.to_dict()["rows_dropped"] == {"missing_or_empty_field": 1}
+    # Anything the tokens depend on is in the key: another template, or changed data, is a miss.
+    assert not _module(path, tokenizer, cache=True, chat_template="chatml").stats.cache_hit
+    _write_jsonl(path, rows[:-1])
+    assert not _module(path, tokenizer, cache=True).stats.cache_hit
