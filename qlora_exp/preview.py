@@ -123,5 +123,5 @@ def _encode(conversation: Conversation, data: DataModule) -> Encoded | None:
 
 
 def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int], trained: bool) -> str:
-    text = tokenizer.decode(ids)
+    text = str(tokenizer.decode(ids))
     return f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if trained else text

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 from jinja2.exceptions import TemplateError
-from transformers import PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from qlora_exp.data_formats import Conversation, Drop, Message
 from qlora_exp.embedded_model import GEMMA_CHAT_TEMPLATE
@@ -85,7 +86,7 @@ def _render_ids(
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
     )
-    return list(encoded["input_ids"])
+    return list(cast(BatchEncoding, encoded)["input_ids"])  # return_dict=True: a BatchEncoding
 
 
 def tokenize_conversation(
