@@ -97,28 +97,79 @@ class LoraConfig:
         return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
 
 
+DATA_SOURCES = ("synthetic", "local", "hub")
+DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class DataColumnsConfig:
+    """Names of the columns (and message keys) in the user's data, where they differ from the format's own."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    system: str = "system"
+    history: str = "history"
+    messages: str = "messages"
+    conversations: str = "conversations"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    text: str = "text"
+    role: str = "role"  # a message's role key; ShareGPT's `from` is read when this key is absent
+    content: str = "content"  # a message's text key; ShareGPT's `value` is read when this key is absent
+
+
 @dataclass
 class DataConfig:
     """Where examples come from and how they become token sequences."""
 
-    source: str = "synthetic"  # synthetic | local
-    path: str | None = None  # local alpaca JSON / JSONL file when source=local
+    source: str = "synthetic"  # synthetic | local | hub
+    path: str | None = None  # local file (.json .jsonl .csv .parquet) or a directory of them
+    hub_id: str | None = None  # a hub dataset (datasets.load_dataset) when source=hub
+    hub_config: str | None = None  # the hub dataset's configuration (subset) name, if it has several
+    split: str = "train"
+    revision: str | None = None
+    format: str = "auto"  # auto | alpaca | messages | sharegpt | prompt_completion | text
+    columns: DataColumnsConfig = field(default_factory=DataColumnsConfig)
+    # Roles beyond the known aliases, e.g. {observation: user, function_call: assistant};
+    # on the command line: +data.role_map.observation=user
+    role_map: dict[str, str] = field(default_factory=dict)
     synthetic_size: int = 2000
     synthetic_zh_fraction: float = 0.3
     sample_size: int | None = None  # draw this many rows (seeded) before splitting
     val_fraction: float = 0.1
     max_length: int = 512
-    chat_template: str | None = None  # Jinja template overriding the tokenizer's own
+    overlength: str = "drop"  # drop | truncate | error
+    # A named template (chatml, gemma, llama3) or a literal Jinja template; null: the tokenizer's own,
+    # and chatml when the tokenizer has none.
+    chat_template: str | None = None
     train_on_prompt: bool = False
+    packing: str = "none"  # none | padding_free | packed
+    cache: bool = True  # reuse tokenized datasets across runs (keyed by a fingerprint)
 
     def __post_init__(self) -> None:
-        _require_choice(self.source, "data.source", ("synthetic", "local"))
+        _require_choice(self.source, "data.source", DATA_SOURCES)
         _require(
             self.source != "local" or bool(self.path),
             "data.path",
             "is required when data.source=local",
-            "pass data.path=/path/to/data.jsonl",
+            "pass data.path=/path/to/data.jsonl (or a directory of .json/.jsonl/.csv/.parquet files)",
         )
+        _require(
+            self.source != "hub" or bool(self.hub_id),
+            "data.hub_id",
+            "is required when data.source=hub",
+            "pass data.hub_id=OWNER/NAME (and data.split, data.revision as needed)",
+        )
+        _require_choice(self.format, "data.format", DATA_FORMATS)
+        for role, target in self.role_map.items():
+            _require(
+                target in CHAT_ROLES,
+                f"data.role_map.{role}",
+                f"maps to {target!r}",
+                f"map it to one of {', '.join(CHAT_ROLES)}",
+            )
         _require(self.synthetic_size > 1, "data.synthetic_size", "must be at least 2", "use e.g. 2000")
         _require(
             0.0 <= self.synthetic_zh_fraction <= 1.0,
@@ -139,6 +190,8 @@ class DataConfig:
             "use e.g. 0.1",
         )
         _require(self.max_length >= 16, "data.max_length", f"too small ({self.max_length})", "use e.g. 512")
+        _require_choice(self.overlength, "data.overlength", ("drop", "truncate", "error"))
+        _require_choice(self.packing, "data.packing", ("none", "padding_free", "packed"))
 
 
 @dataclass
@@ -219,6 +272,7 @@ class Config:
     """The whole experiment: one section per config group, plus the seed."""
 
     seed: int = 42
+    dry_run: bool = False  # load and tokenize the data only, print a preview, train nothing
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -20,6 +20,7 @@ from qlora_exp.data import DataModule
 from qlora_exp.distributed import quiet_non_main_ranks, run_stamp
 from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
+from qlora_exp.preview import preview_data
 from qlora_exp.run_dir import RunDirectory
 from qlora_exp.schema import register_configs, to_schema
 from qlora_exp.tracking import Tracker, TrackingCallback
@@ -41,6 +42,8 @@ OOM_ADVICE = (
 def run_experiment(cfg: DictConfig) -> float:
     """One run in the Hydra run directory; returns eval_loss, the sweepers' objective."""
     schema = to_schema(cfg)  # every cross-field rule, before any data or weights load
+    if schema.dry_run:  # data and tokenizer only, no weights, nothing trained
+        return preview_data(schema)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     quiet_non_main_ranks()
@@ -50,7 +53,7 @@ def run_experiment(cfg: DictConfig) -> float:
         run.write_provenance()
         set_seed(schema.seed)
         tokenizer = load_tokenizer(schema.model)
-        data = DataModule(schema.data, tokenizer, schema.seed)
+        data = DataModule(schema.data, tokenizer, schema.seed, schema.trainer.per_device_train_batch_size)
         data.setup()
         run.write_json("data_stats.json", data.stats.to_dict())
         run.write_provenance(data_fingerprint=data.fingerprint)

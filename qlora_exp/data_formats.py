@@ -1,0 +1,226 @@
+"""The formats users bring, each normalised to one internal form: a `Conversation`.
+
+alpaca (instruction/input/output, optional system and history), OpenAI-style `messages`,
+ShareGPT `conversations` (from/value), prompt/completion pairs and plain `text`. `data.columns.*`
+renames columns; `data.format=auto` picks the format from the columns. A row that cannot become a
+conversation yields a `Drop` with a reason (counted and shown by the DataModule), never silence.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from qlora_exp.errors import DataError
+from qlora_exp.schema import DataColumnsConfig
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+# Drop reasons (the keys of data_stats.json's rows_dropped).
+MISSING_FIELD = "missing_or_empty_field"
+MALFORMED = "malformed_row"
+UNMAPPABLE_ROLE = "unmappable_role"
+NON_TEXT = "non_text_content"
+
+# Role names the ecosystem uses for the three roles every chat template knows.
+ROLE_ALIASES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bot": "assistant",
+}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Turns with roles system / user / assistant. `raw`: tokenize the contents as they are, no chat
+    template (plain text, and string prompt/completion pairs as TRL treats them)."""
+
+    messages: list[Message]
+    raw: bool = False
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Why a row was not used, and a short detail for the log."""
+
+    reason: str
+    detail: str
+
+
+class _RowProblem(Exception):
+    """Internal: carries a Drop out of nested parsing."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.drop = Drop(reason, detail)
+
+
+def detect_format(rows: Iterable[Any], columns: DataColumnsConfig) -> str:
+    """The format whose columns the rows have (first 100 rows' keys); DataError when none fits."""
+    keys: set[str] = set()
+    for index, row in enumerate(rows):
+        if index >= 100:
+            break
+        if isinstance(row, Mapping):
+            keys.update(str(k) for k in row)
+    candidates = (
+        ("messages", (columns.messages,)),
+        ("sharegpt", (columns.conversations,)),
+        ("alpaca", (columns.instruction, columns.output)),
+        ("prompt_completion", (columns.prompt, columns.completion)),
+        ("text", (columns.text,)),
+    )
+    for name, needed in candidates:
+        if all(column in keys for column in needed):
+            return name
+    raise DataError(
+        f"data.format=auto: no known format matches the columns {sorted(keys)}. Fix: set data.format "
+        "(alpaca, messages, sharegpt, prompt_completion, text) and map your column names with "
+        "data.columns.* (e.g. data.columns.instruction=question data.columns.output=answer)"
+    )
+
+
+def to_conversation(
+    row: Any, fmt: str, columns: DataColumnsConfig, role_map: Mapping[str, str]
+) -> Conversation | Drop:
+    """One source row in the internal form, or why it cannot be used."""
+    if not isinstance(row, Mapping):
+        return Drop(MALFORMED, f"expected an object with columns, got {type(row).__name__}")
+    try:
+        if fmt == "alpaca":
+            return _from_alpaca(row, columns)
+        if fmt in ("messages", "sharegpt"):
+            column = columns.messages if fmt == "messages" else columns.conversations
+            return Conversation(_parse_messages(_required(row, column), columns, role_map))
+        if fmt == "prompt_completion":
+            return _from_prompt_completion(row, columns, role_map)
+        if fmt == "text":
+            return Conversation(
+                [{"role": "assistant", "content": _required_text(row, columns.text)}], raw=True
+            )
+    except _RowProblem as problem:
+        return problem.drop
+    raise ValueError(f"unknown format {fmt!r}")  # the schema allows only the formats above
+
+
+def alpaca_to_messages(
+    row: Mapping[str, Any], columns: DataColumnsConfig | None = None
+) -> list[Message] | None:
+    """One alpaca row as a conversation; None when a required field is missing or empty."""
+    result = to_conversation(row, "alpaca", columns or DataColumnsConfig(), {})
+    return result.messages if isinstance(result, Conversation) else None
+
+
+def _from_alpaca(row: Mapping[str, Any], columns: DataColumnsConfig) -> Conversation:
+    instruction = _required_text(row, columns.instruction)
+    extra = _optional_text(row, columns.input)
+    output = _required_text(row, columns.output)
+    messages: list[Message] = []
+    system = _optional_text(row, columns.system)
+    if system:
+        messages.append({"role": "system", "content": system})
+    history = row.get(columns.history) or []
+    if not isinstance(history, list):
+        raise _RowProblem(MALFORMED, f"{columns.history!r} must be a list of [instruction, response] pairs")
+    for turn, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise _RowProblem(
+                MALFORMED, f"{columns.history!r}[{turn}] is not an [instruction, response] pair"
+            )
+        question, answer = (str(part or "").strip() for part in pair)
+        if not question or not answer:
+            raise _RowProblem(MISSING_FIELD, f"{columns.history!r}[{turn}] has an empty side")
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return Conversation(messages)
+
+
+def _from_prompt_completion(
+    row: Mapping[str, Any], columns: DataColumnsConfig, role_map: Mapping[str, str]
+) -> Conversation:
+    prompt = _required(row, columns.prompt)
+    completion = _required(row, columns.completion)
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not prompt.strip() or not completion.strip():
+            raise _RowProblem(MISSING_FIELD, "empty prompt or completion")
+        return Conversation(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], raw=True
+        )
+    # Conversational pairs (TRL's format): lists of messages, or a string completion after them.
+    head = _parse_messages(prompt, columns, role_map)
+    tail = (
+        [{"role": "assistant", "content": completion.strip()}]
+        if isinstance(completion, str) and completion.strip()
+        else _parse_messages(completion, columns, role_map)
+    )
+    return Conversation(head + tail)
+
+
+def _parse_messages(value: Any, columns: DataColumnsConfig, role_map: Mapping[str, str]) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise _RowProblem(MALFORMED if value else MISSING_FIELD, "the message list is empty or not a list")
+    messages: list[Message] = []
+    for turn, message in enumerate(value):
+        if not isinstance(message, Mapping):
+            raise _RowProblem(MALFORMED, f"message {turn} is a {type(message).__name__}, not an object")
+        raw_role = message.get(columns.role, message.get("from"))
+        role = role_map.get(str(raw_role)) or ROLE_ALIASES.get(str(raw_role).lower())
+        if role is None:
+            raise _RowProblem(
+                UNMAPPABLE_ROLE,
+                f"message {turn} has role {raw_role!r}. Fix: map it, e.g. +data.role_map.{raw_role}=user "
+                "(or assistant to train on it)",
+            )
+        content = _message_text(message.get(columns.content, message.get("value")), turn)
+        if not content:
+            if role == "system":
+                continue  # an empty system prompt carries nothing
+            raise _RowProblem(MISSING_FIELD, f"message {turn} ({raw_role}) is empty")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _message_text(content: Any, turn: int) -> str:
+    """A message's text: a string, or OpenAI-style parts that are all text."""
+    if content is None or isinstance(content, str):
+        return (content or "").strip()
+    if isinstance(content, list):
+        kinds = {part.get("type") for part in content if isinstance(part, Mapping)}
+        if kinds == {"text"} and all(isinstance(part, Mapping) for part in content):
+            return "".join(str(part.get("text") or "") for part in content).strip()
+        raise _RowProblem(NON_TEXT, f"message {turn} has non-text parts {sorted(map(str, kinds))}")
+    raise _RowProblem(MALFORMED, f"message {turn}'s content is a {type(content).__name__}")
+
+
+def _required(row: Mapping[str, Any], column: str) -> Any:
+    value = row.get(column)
+    if value is None or value in ("", []):
+        raise _RowProblem(MISSING_FIELD, f"column {column!r} is missing or empty")
+    return value
+
+
+def _required_text(row: Mapping[str, Any], column: str) -> str:
+    text = _optional_text(row, column)
+    if not text:
+        raise _RowProblem(MISSING_FIELD, f"column {column!r} is missing or empty")
+    return text
+
+
+def _optional_text(row: Mapping[str, Any], column: str) -> str:
+    value = row.get(column)
+    if value is None:
+        return ""
+    if not isinstance(value, (str, int, float)):
+        raise _RowProblem(MALFORMED, f"column {column!r} is a {type(value).__name__}, expected text")
+    return str(value).strip()

@@ -1,0 +1,163 @@
+"""Conversations to token ids and labels: the chat template, prompt masking, the length policy.
+
+Masking is ours rather than TRL's: SFTTrainer's assistant-only loss needs `{% generation %}`
+markers that the real Gemma / Llama / Mistral / Qwen templates do not have. We mask by rendering
+each conversation prefix with the template itself, which is exact for any template whose
+renderings of successive turns are token prefixes of each other; that is checked per example, and
+an example where it fails is dropped (counted) instead of being trained with wrong labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import cast
+
+from jinja2.exceptions import TemplateError
+from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+from qlora_exp.data_formats import Conversation, Drop, Message
+from qlora_exp.embedded_model import GEMMA_CHAT_TEMPLATE
+from qlora_exp.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+# Drop reasons (the keys of data_stats.json's rows_dropped).
+OVER_LENGTH = "over_max_length"
+NO_TRAINABLE_TOKENS = "no_trainable_tokens"
+TEMPLATE_INCONSISTENT = "template_inconsistent"
+TEMPLATE_ERROR = "template_error"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] | trim) + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + (message['content'] | trim)"
+    " + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE, "gemma": GEMMA_CHAT_TEMPLATE, "llama3": LLAMA3_TEMPLATE}
+FALLBACK_TEMPLATE = "chatml"
+
+
+class TemplateMismatch(DataError):
+    """The template renders a conversation's prefix differently from the whole: masking would be wrong."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids with labels (-100 where no loss), and whether the length policy truncated them."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, setting: str | None) -> str:
+    """Set and return the template in use: `setting` (a name or Jinja), the tokenizer's, else chatml."""
+    if setting:
+        template = NAMED_TEMPLATES.get(setting, setting)
+        if template is setting and "{{" not in setting and "{%" not in setting:
+            raise DataError(
+                f"data.chat_template: {setting!r} is neither a known name nor a Jinja template. "
+                f"Fix: use one of {', '.join(NAMED_TEMPLATES)} or a Jinja string"
+            )
+        tokenizer.chat_template = template
+    elif not tokenizer.chat_template:
+        log.warning(
+            "the tokenizer has no chat template; using the %s fallback (set data.chat_template to choose)",
+            FALLBACK_TEMPLATE,
+        )
+        tokenizer.chat_template = NAMED_TEMPLATES[FALLBACK_TEMPLATE]
+    return str(tokenizer.chat_template)
+
+
+def _render_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool
+) -> list[int]:
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
+    )
+    return list(cast(BatchEncoding, encoded)["input_ids"])  # return_dict=True: a BatchEncoding
+
+
+def tokenize_conversation(
+    messages: list[Message], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool = False
+) -> dict[str, list[int]]:
+    """Ids of the rendered conversation; labels: ids on assistant turns (end of turn included), else -100."""
+    input_ids = _render_ids(tokenizer, messages, generation_prompt=False)
+    labels = list(input_ids) if train_on_prompt else [IGNORE_INDEX] * len(input_ids)
+    if not train_on_prompt:
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = _render_ids(tokenizer, messages[:turn], generation_prompt=True)
+            upto = _render_ids(tokenizer, messages[: turn + 1], generation_prompt=False)
+            if input_ids[: len(upto)] != upto or upto[: len(prompt)] != prompt:
+                raise TemplateMismatch(
+                    f"the chat template renders the conversation up to turn {turn} unlike the whole "
+                    "(not a token prefix), so prompt masking would be wrong. Fix: set data.chat_template "
+                    f"to a prefix-consistent template (e.g. {', '.join(NAMED_TEMPLATES)})"
+                )
+            labels[len(prompt) : len(upto)] = input_ids[len(prompt) : len(upto)]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def tokenize_raw(
+    messages: list[Message], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool = False
+) -> dict[str, list[int]]:
+    """Contents tokenized as they are (no template), BOS as the tokenizer adds it, EOS at the end;
+    labels on assistant parts and the EOS (on everything with `train_on_prompt`)."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for index, message in enumerate(messages):
+        ids = list(tokenizer(message["content"], add_special_tokens=index == 0)["input_ids"])
+        trained = train_on_prompt or message["role"] == "assistant"
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not input_ids or input_ids[-1] != eos):
+        input_ids.append(eos)
+        labels.append(eos)
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def encode_conversation(
+    conversation: Conversation,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    overlength: str,
+    train_on_prompt: bool,
+) -> Encoded | Drop:
+    """Tokenize, mask and apply the length policy (truncate, or an over_max_length Drop)."""
+    tokenize = tokenize_raw if conversation.raw else tokenize_conversation
+    try:
+        encoded = tokenize(conversation.messages, tokenizer, train_on_prompt)
+    except TemplateMismatch as exc:
+        return Drop(TEMPLATE_INCONSISTENT, str(exc))
+    except TemplateError as exc:  # the template's own checks (e.g. roles must alternate)
+        return Drop(
+            TEMPLATE_ERROR,
+            f"the chat template refused the conversation: {exc}. Fix: set data.chat_template to "
+            "a template that accepts it (gemma folds a system turn into the first user turn)",
+        )
+    input_ids, labels = encoded["input_ids"], encoded["labels"]
+    truncated = len(input_ids) > max_length
+    if truncated:
+        if overlength != "truncate":  # the DataModule raises for `error`, naming the row
+            return Drop(OVER_LENGTH, f"{len(input_ids)} tokens > data.max_length={max_length}")
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never a target (shifted away)
+        return Drop(
+            NO_TRAINABLE_TOKENS,
+            "no assistant tokens to train on" + (" after truncation" if truncated else ""),
+        )
+    return Encoded(input_ids, labels, truncated)

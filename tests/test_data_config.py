@@ -1,0 +1,45 @@
+"""The data section's rules fail at compose time, naming the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import HydraException
+
+from qlora_exp.errors import ConfigError
+from qlora_exp.schema import to_schema
+from tests.conftest import compose_config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.packing=packd"], r"data.packing: got 'packd'.*none, padding_free, packed"),
+        (["data.overlength=cut"], r"data.overlength: got 'cut'.*drop, truncate, error"),
+        (["data.format=csv"], r"data.format: got 'csv'.*sharegpt"),
+        (["+data.role_map.observation=robot"], r"data.role_map.observation: maps to 'robot'"),
+        (["data=hub"], r"hub_id"),
+        (["data=local"], r"path"),
+    ],
+)
+def test_bad_data_settings_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises((ConfigError, HydraException), match=message):
+        to_schema(compose_config("experiment=smoke", *overrides))
+
+
+def test_user_data_settings_compose() -> None:
+    schema = to_schema(
+        compose_config(
+            "experiment=smoke",
+            "data=local",
+            "data.path=/data/chat.jsonl",
+            "data.format=sharegpt",
+            "data.columns.conversations=dialog",
+            "+data.role_map.observation=user",
+            "data.packing=padding_free",
+            "data.chat_template=chatml",
+            "dry_run=true",
+        )
+    )
+    data = schema.data
+    assert (data.source, data.format, data.columns.conversations) == ("local", "sharegpt", "dialog")
+    assert data.role_map == {"observation": "user"} and data.packing == "padding_free" and schema.dry_run

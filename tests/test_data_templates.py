@@ -1,0 +1,210 @@
+"""Masking is exact at token level for real template styles: every assistant turn with its end of turn
+is trained, nothing of system or user turns; templates that would make masking wrong are caught."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from qlora_exp.data_formats import Conversation, Drop
+from qlora_exp.embedded_model import resolve_embedded
+from qlora_exp.errors import DataError
+from qlora_exp.tokenization import (
+    CHATML_TEMPLATE,
+    IGNORE_INDEX,
+    NO_TRAINABLE_TOKENS,
+    OVER_LENGTH,
+    TEMPLATE_ERROR,
+    TEMPLATE_INCONSISTENT,
+    Encoded,
+    encode_conversation,
+    resolve_chat_template,
+)
+
+# Qwen2.5's template without tools: a default system prompt when the data has none.
+QWEN_STYLE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role != 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# Llama-3.1's shape: a system header (with dates) always, <|eot_id|> ends every turn.
+LLAMA3_STYLE = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+# Mistral v0.3's habit: the system prompt goes into the *last* user turn, so prefixes differ.
+MISTRAL_STYLE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+    "{% if loop.last and system %}{{ '[INST] ' + system + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+# Gemma-2-it's own template refuses system turns.
+GEMMA_STRICT = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+SPECIAL = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+MULTI_TURN = Conversation(
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is 1 + 1?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "And 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer() -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_embedded("embedded:tiny-gemma2"))
+
+
+def _tokenizer(base: PreTrainedTokenizerBase, template: str | None) -> PreTrainedTokenizerBase:
+    """A copy of the embedded tokenizer with the special tokens of the template styles above."""
+    tokenizer = AutoTokenizer.from_pretrained(base.name_or_path)
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _encode(
+    conversation: Conversation, tokenizer: PreTrainedTokenizerBase, **kwargs: object
+) -> Encoded | Drop:
+    options = {"max_length": 512, "overlength": "drop", "train_on_prompt": False} | kwargs
+    return encode_conversation(conversation, tokenizer, **options)  # type: ignore[arg-type]
+
+
+def _trained_text(tokenizer: PreTrainedTokenizerBase, encoded: Encoded | Drop) -> str:
+    assert isinstance(encoded, Encoded), encoded
+    return "|".join(
+        tokenizer.decode([t])
+        for t, label in zip(encoded.input_ids, encoded.labels, strict=True)
+        if label != IGNORE_INDEX
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "answers"),
+    [
+        (QWEN_STYLE, ("2<|im_end|>\n", "4<|im_end|>\n")),
+        (LLAMA3_STYLE, ("2<|eot_id|>", "4<|eot_id|>")),
+    ],
+)
+def test_every_assistant_turn_and_its_end_of_turn_is_trained_and_nothing_else(
+    base_tokenizer: PreTrainedTokenizerBase, template: str, answers: tuple[str, str]
+) -> None:
+    tokenizer = _tokenizer(base_tokenizer, template)
+    encoded = _encode(MULTI_TURN, tokenizer)
+    assert isinstance(encoded, Encoded)
+    trained = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "".join(answers)
+    # Token level: the end-of-turn token itself is a label, and the trained runs are exactly two.
+    end_of_turn = tokenizer.convert_tokens_to_ids(answers[0].removeprefix("2").strip())
+    assert sum(label == end_of_turn for label in encoded.labels) == 2
+    runs = sum(
+        1
+        for i, label in enumerate(encoded.labels)
+        if label != IGNORE_INDEX and (i == 0 or encoded.labels[i - 1] == IGNORE_INDEX)
+    )
+    assert runs == 2
+    assert all(
+        label in (IGNORE_INDEX, token) for token, label in zip(encoded.input_ids, encoded.labels, strict=True)
+    )
+
+
+def test_train_on_prompt_trains_system_and_user_turns_too(base_tokenizer: PreTrainedTokenizerBase) -> None:
+    tokenizer = _tokenizer(base_tokenizer, QWEN_STYLE)
+    encoded = _encode(MULTI_TURN, tokenizer, train_on_prompt=True)
+    assert isinstance(encoded, Encoded) and encoded.labels == encoded.input_ids
+
+
+def test_prefix_inconsistent_template_drops_the_row_instead_of_mislabelling(
+    base_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    dropped = _encode(MULTI_TURN, _tokenizer(base_tokenizer, MISTRAL_STYLE))
+    assert isinstance(dropped, Drop) and dropped.reason == TEMPLATE_INCONSISTENT
+    assert "data.chat_template" in dropped.detail
+
+
+def test_template_refusing_a_conversation_is_a_counted_drop_with_the_fix(
+    base_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    dropped = _encode(MULTI_TURN, _tokenizer(base_tokenizer, GEMMA_STRICT))
+    assert isinstance(dropped, Drop) and dropped.reason == TEMPLATE_ERROR
+    assert "System role not supported" in dropped.detail and "data.chat_template" in dropped.detail
+
+
+def test_named_fallback_when_the_tokenizer_has_none(
+    base_tokenizer: PreTrainedTokenizerBase, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokenizer = _tokenizer(base_tokenizer, None)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_chat_template(tokenizer, None) == CHATML_TEMPLATE
+    assert "no chat template" in caplog.text and "chatml" in caplog.text
+    assert _trained_text(tokenizer, _encode(MULTI_TURN, tokenizer)) == "2|<|im_end|>|\n|4|<|im_end|>|\n"
+
+
+def test_chat_template_setting_takes_a_name_or_jinja(base_tokenizer: PreTrainedTokenizerBase) -> None:
+    tokenizer = _tokenizer(base_tokenizer, QWEN_STYLE)
+    resolve_chat_template(tokenizer, "llama3")
+    assert "<|eot_id|>" in _trained_text(tokenizer, _encode(MULTI_TURN, tokenizer))
+    resolve_chat_template(tokenizer, QWEN_STYLE)
+    assert tokenizer.chat_template == QWEN_STYLE
+    with pytest.raises(DataError, match=r"data.chat_template: 'qwen9'.*chatml, gemma, llama3"):
+        resolve_chat_template(tokenizer, "qwen9")
+
+
+def test_raw_text_trains_every_token_and_ends_with_eos(base_tokenizer: PreTrainedTokenizerBase) -> None:
+    text = Conversation([{"role": "assistant", "content": "Once upon a time."}], raw=True)
+    encoded = _encode(text, base_tokenizer)
+    assert isinstance(encoded, Encoded)
+    assert encoded.labels == encoded.input_ids and encoded.input_ids[-1] == base_tokenizer.eos_token_id
+
+
+def test_raw_prompt_completion_trains_the_completion_and_eos_only(
+    base_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    pair = Conversation(
+        [{"role": "user", "content": "What is 3 + 5?"}, {"role": "assistant", "content": " 8"}], raw=True
+    )
+    assert _trained_text(base_tokenizer, _encode(pair, base_tokenizer)).replace("|", "") == " 8<eos>"
+
+
+def test_overlength_policies(base_tokenizer: PreTrainedTokenizerBase) -> None:
+    tokenizer = _tokenizer(base_tokenizer, QWEN_STYLE)
+    full = _encode(MULTI_TURN, tokenizer)
+    assert isinstance(full, Encoded)
+    limit = len(full.input_ids) - 3
+    dropped = _encode(MULTI_TURN, tokenizer, max_length=limit)
+    assert isinstance(dropped, Drop) and dropped.reason == OVER_LENGTH
+    cut = _encode(MULTI_TURN, tokenizer, max_length=limit, overlength="truncate")
+    assert isinstance(cut, Encoded) and cut.truncated
+    assert cut.input_ids == full.input_ids[:limit] and cut.labels == full.labels[:limit]
+    # Cut before the first answer: nothing left to train on.
+    first_answer = full.labels.index(next(label for label in full.labels if label != IGNORE_INDEX))
+    empty = _encode(MULTI_TURN, tokenizer, max_length=first_answer, overlength="truncate")
+    assert isinstance(empty, Drop) and empty.reason == NO_TRAINABLE_TOKENS
