@@ -3,14 +3,18 @@
 Masking is ours rather than TRL's: SFTTrainer's assistant-only loss needs `{% generation %}`
 markers that the real Gemma / Llama / Mistral / Qwen templates do not have. We mask by rendering
 each conversation prefix with the template itself, which is exact for any template whose
-renderings of successive turns are token prefixes of each other; that is checked per example, and
-an example where it fails is dropped (counted) instead of being trained with wrong labels.
+renderings of successive turns are token prefixes of each other; that is checked per example.
+Where it fails (Mistral moves the system prompt into the last user turn, Qwen3 strips earlier
+turns' reasoning), the assistant turns are located in the full rendering by their text and the
+template's end-of-turn marker, through the fast tokenizer's character offsets; an example that
+cannot be located either is dropped (counted) instead of being trained with wrong labels.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import cast
 
 from jinja2.exceptions import TemplateError
@@ -111,6 +115,62 @@ def tokenize_conversation(
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+def tokenize_by_offsets(
+    messages: list[Message], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool = False
+) -> dict[str, list[int]]:
+    """Labels from where each assistant turn's text (and the end-of-turn marker after it) lies in the
+    full rendering; for templates whose prefixes are not token prefixes of the whole."""
+    text = str(tokenizer.apply_chat_template(messages, tokenize=False))
+    if not tokenizer.is_fast:
+        raise TemplateMismatch("locating turns needs a fast tokenizer's offsets; this one is slow")
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    if train_on_prompt:
+        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": list(input_ids)}
+    suffix = end_of_turn_marker(tokenizer)
+    spans, cursor = [], 0
+    for turn, message in enumerate(messages):
+        if message["role"] == "system":  # some templates move it; it is never trained
+            continue
+        start = text.find(message["content"], cursor)
+        if start < 0:
+            raise TemplateMismatch(
+                f"turn {turn} ({message['role']}) is not found in the rendered conversation, so its "
+                "tokens cannot be told apart. Fix: set data.chat_template (e.g. chatml)"
+            )
+        cursor = start + len(message["content"])
+        if message["role"] == "assistant":
+            if suffix and text.startswith(suffix, cursor):
+                cursor += len(suffix)
+            spans.append((start, cursor))
+    labels = [
+        token
+        if any(begin < end_span and end > start_span for start_span, end_span in spans)
+        else IGNORE_INDEX
+        for token, (begin, end) in zip(input_ids, encoded["offset_mapping"], strict=True)
+    ]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def end_of_turn_marker(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the template writes right after an assistant's text (e.g. `<|im_end|>\\n`, `</s>`), found by
+    rendering a probe conversation; empty when the template does not show it plainly."""
+    probe = "probe-answer-5e1f"
+    question: list[Message] = [{"role": "user", "content": "probe-question"}]
+    try:
+        prompt = str(tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True))
+        whole = str(
+            tokenizer.apply_chat_template(
+                [*question, {"role": "assistant", "content": probe}], tokenize=False
+            )
+        )
+    except TemplateError:
+        return ""
+    if not whole.startswith(prompt) or probe not in whole[len(prompt) :]:
+        return ""
+    return whole[len(prompt) :].split(probe, 1)[1]
+
+
 def tokenize_raw(
     messages: list[Message], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool = False
 ) -> dict[str, list[int]]:
@@ -130,6 +190,15 @@ def tokenize_raw(
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+@lru_cache(maxsize=8)
+def _warn_locating_turns(template: str) -> None:
+    log.warning(
+        "the chat template does not render conversation prefixes as token prefixes (template %s...); "
+        "masking by locating each assistant turn in the rendered text instead",
+        template[:40].replace("\n", " "),
+    )
+
+
 def encode_conversation(
     conversation: Conversation,
     tokenizer: PreTrainedTokenizerBase,
@@ -140,7 +209,11 @@ def encode_conversation(
     """Tokenize, mask and apply the length policy (truncate, or an over_max_length Drop)."""
     tokenize = tokenize_raw if conversation.raw else tokenize_conversation
     try:
-        encoded = tokenize(conversation.messages, tokenizer, train_on_prompt)
+        try:
+            encoded = tokenize(conversation.messages, tokenizer, train_on_prompt)
+        except TemplateMismatch:
+            _warn_locating_turns(str(tokenizer.chat_template))
+            encoded = tokenize_by_offsets(conversation.messages, tokenizer, train_on_prompt)
     except TemplateMismatch as exc:
         return Drop(TEMPLATE_INCONSISTENT, str(exc))
     except TemplateError as exc:  # the template's own checks (e.g. roles must alternate)

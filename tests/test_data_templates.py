@@ -19,8 +19,11 @@ from qlora_exp.tokenization import (
     TEMPLATE_ERROR,
     TEMPLATE_INCONSISTENT,
     Encoded,
+    TemplateMismatch,
     encode_conversation,
+    end_of_turn_marker,
     resolve_chat_template,
+    tokenize_conversation,
 )
 
 # Qwen2.5's template without tools: a default system prompt when the data has none.
@@ -56,6 +59,20 @@ MISTRAL_STYLE = (
     "{% if loop.last and system %}{{ '[INST] ' + system + '\\n\\n' + message['content'] + '[/INST]' }}"
     "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
     "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+# Qwen3's habit: an (empty) reasoning block only on answers after the last user turn.
+QWEN3_STYLE = (
+    "{%- set ns = namespace(last_query=-1) %}{%- for m in messages %}{%- if m['role'] == 'user' %}"
+    "{%- set ns.last_query = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- if m['role'] == 'assistant' and loop.index0 > ns.last_query %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# Hides earlier assistant turns: neither prefix-consistent nor locatable.
+REDACTING = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ 'assistant: ...\\n' }}"
+    "{% else %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
 )
 # Gemma-2-it's own template refuses system turns.
 GEMMA_STRICT = (
@@ -142,10 +159,27 @@ def test_train_on_prompt_trains_system_and_user_turns_too(base_tokenizer: PreTra
     assert isinstance(encoded, Encoded) and encoded.labels == encoded.input_ids
 
 
-def test_prefix_inconsistent_template_drops_the_row_instead_of_mislabelling(
+@pytest.mark.parametrize(
+    ("template", "marker", "trained"),
+    [
+        (MISTRAL_STYLE, "<eos>", "2|<eos>|4|<eos>"),
+        (QWEN3_STYLE, "<|im_end|>\n", "2|<|im_end|>|\n|4|<|im_end|>|\n"),
+    ],
+)
+def test_prefix_inconsistent_template_is_masked_by_locating_the_turns(
+    base_tokenizer: PreTrainedTokenizerBase, template: str, marker: str, trained: str
+) -> None:
+    tokenizer = _tokenizer(base_tokenizer, template)
+    with pytest.raises(TemplateMismatch):
+        tokenize_conversation(MULTI_TURN.messages, tokenizer)
+    assert end_of_turn_marker(tokenizer) == marker
+    assert _trained_text(tokenizer, _encode(MULTI_TURN, tokenizer)) == trained
+
+
+def test_turns_that_cannot_be_located_drop_the_row_instead_of_mislabelling(
     base_tokenizer: PreTrainedTokenizerBase,
 ) -> None:
-    dropped = _encode(MULTI_TURN, _tokenizer(base_tokenizer, MISTRAL_STYLE))
+    dropped = _encode(MULTI_TURN, _tokenizer(base_tokenizer, REDACTING))
     assert isinstance(dropped, Drop) and dropped.reason == TEMPLATE_INCONSISTENT
     assert "data.chat_template" in dropped.detail
 
