@@ -36,6 +36,7 @@ from hydra import compose, initialize_config_dir
 from transformers import (
     DataCollatorForSeq2Seq,
     DataCollatorWithFlattening,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
     Trainer,
@@ -67,7 +68,7 @@ BENCH_MODELS = {
     "tiny": ("tiny", "embedded:tiny-gemma2"),
 }
 LAYOUTS = ("pad_to_max", "dynamic_padding", "padding_free")
-PROTOTYPE_MAX_LENGTH = 512
+PROTOTYPE_MAX_LENGTH = 512  # the prototype's data.max_length: its rows were padded to this
 # Dense bf16 peak of an H100/H200 SXM by NVIDIA's datasheet; KINDS.md measured ~790 on this H200.
 DEFAULT_PEAK_TFLOPS = 989.0
 FLOP_FORMULA = (
@@ -102,7 +103,8 @@ class Setting:
         if self.micro_batch < 1 or examples_per_step % self.micro_batch:
             raise ConfigError(
                 f"setting {self.name}: micro_batch={self.micro_batch} does not divide "
-                f"--examples-per-step={examples_per_step}. Fix: pick a divisor so every setting takes the same steps"
+                f"--examples-per-step={examples_per_step}. "
+                "Fix: pick a divisor so every setting takes the same steps"
             )
 
 
@@ -187,33 +189,35 @@ class StepRecorder(TrainerCallback):
 # ---------------------------------------------------------------- settings
 
 
-def standard_settings(model_cfg: ModelConfig, examples_per_step: int) -> list[Setting]:
+def standard_settings(
+    model_cfg: ModelConfig, examples_per_step: int, max_length: int = PROTOTYPE_MAX_LENGTH
+) -> list[Setting]:
     """The prototype's way, a plain-transformers baseline, and the project's defaults for the model."""
     return [
         Setting(
-            "prototype",
-            "pad_to_max",
-            1,
-            "eager",
-            False,
-            f"one example per micro-batch padded to {PROTOTYPE_MAX_LENGTH}, eager attention",
+            name="prototype",
+            layout="pad_to_max",
+            micro_batch=1,
+            attn_implementation="eager",
+            use_liger_kernel=False,
+            description=f"one example per micro-batch padded to {max_length}, eager attention",
         ),
         Setting(
-            "baseline",
-            "dynamic_padding",
-            min(8, examples_per_step),
-            "eager",
-            False,
-            "plain transformers: micro-batch 8 padded to its longest row, eager attention",
+            name="baseline",
+            layout="dynamic_padding",
+            micro_batch=min(8, examples_per_step),
+            attn_implementation="eager",
+            use_liger_kernel=False,
+            description="plain transformers: micro-batch 8 padded to its longest row, eager attention",
         ),
         Setting(
-            "defaults",
-            "padding_free",
-            examples_per_step,
-            model_cfg.attn_implementation,
-            model_cfg.use_liger_kernel,
-            model_cfg.upcast_unquantized_params,
-            "the model preset's switches; one micro-batch per step, flattened without padding",
+            name="defaults",
+            layout="padding_free",
+            micro_batch=examples_per_step,
+            attn_implementation=model_cfg.attn_implementation,
+            use_liger_kernel=model_cfg.use_liger_kernel,
+            upcast_unquantized_params=model_cfg.upcast_unquantized_params,
+            description="the model preset's switches; one micro-batch per step, flattened without padding",
         ),
     ]
 
@@ -238,7 +242,8 @@ def parse_setting(spec: str, base: Setting) -> Setting:
             changes["upcast_unquantized_params"] = value == "1"
         else:
             raise ConfigError(
-                f"--extra {spec!r}: cannot read {item!r}. Fix: keys: layout=, micro_batch=N, attn=, liger=0|1, upcast=0|1"
+                f"--extra {spec!r}: cannot read {item!r}. "
+                "Fix: keys are layout=, micro_batch=N, attn=, liger=0|1, upcast=0|1"
             )
     return replace(base, **changes)
 
@@ -254,8 +259,10 @@ def order_settings(settings: list[Setting]) -> list[Setting]:
 # ---------------------------------------------------------------- data
 
 
-def long_form_rows(count: int, seed: int, median_tokens: float, sigma: float, tokenizer: Any) -> list[dict]:
-    """Alpaca-style rows whose token lengths follow a log-normal (median, sigma), capped at 512.
+def long_form_rows(
+    count: int, *, seed: int, median_tokens: float, sigma: float, tokenizer: Any, max_length: int
+) -> list[dict]:
+    """Alpaca-style rows whose token lengths follow a log-normal (median, sigma), capped below max_length.
 
     The built-in examples are short (tens of tokens); real instruction data is not. Each row joins
     built-in examples until its instruction + answer reach a length drawn from the distribution, so
@@ -265,9 +272,7 @@ def long_form_rows(count: int, seed: int, median_tokens: float, sigma: float, to
     pool = generate_synthetic_examples(max(200, count), seed=seed, zh_fraction=0.3)
     rows = []
     for _ in range(count):
-        target = min(
-            PROTOTYPE_MAX_LENGTH - 32, max(24, round(rng.lognormvariate(math.log(median_tokens), sigma)))
-        )
+        target = min(max_length - 32, max(24, round(rng.lognormvariate(math.log(median_tokens), sigma))))
         instruction, output, tokens = [], [], 0
         while tokens < target:
             example = rng.choice(pool)
@@ -279,21 +284,26 @@ def long_form_rows(count: int, seed: int, median_tokens: float, sigma: float, to
 
 
 def bench_dataset(
-    data: str, tokenizer: PreTrainedTokenizerBase, count: int, seed: int, out_dir: Path
+    data: str, tokenizer: PreTrainedTokenizerBase, count: int, *, seed: int, out_dir: Path, max_length: int
 ) -> tuple[Dataset, dict[str, Any]]:
     """`count` tokenized training examples through the project's DataModule, plus their stats."""
     if data == "builtin":
-        cfg = DataConfig(
-            source="synthetic", synthetic_size=max(2 * count, 64), max_length=PROTOTYPE_MAX_LENGTH
-        )
+        cfg = DataConfig(source="synthetic", synthetic_size=max(2 * count, 64), max_length=max_length)
     else:
         if data == "long":
             path = out_dir / "bench_data.jsonl"
-            rows = long_form_rows(2 * count, seed, median_tokens=190.0, sigma=0.55, tokenizer=tokenizer)
+            rows = long_form_rows(
+                2 * count,
+                seed=seed,
+                median_tokens=190.0,
+                sigma=0.55,
+                tokenizer=tokenizer,
+                max_length=max_length,
+            )
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         else:
             path = Path(data)
-        cfg = DataConfig(source="local", path=str(path), max_length=PROTOTYPE_MAX_LENGTH)
+        cfg = DataConfig(source="local", path=str(path), max_length=max_length)
     module = DataModule(cfg, tokenizer, seed)
     module.setup()
     train = module.train_dataset
@@ -310,14 +320,14 @@ def bench_dataset(
         "examples": count,
         "real_tokens": sum(lengths),
         "mean_length": sum(lengths) / count,
-        "max_length": max(lengths),
+        "longest": max(lengths),
         "label_tokens": sum(sum(1 for t in labels if t != IGNORE_INDEX) for labels in subset["labels"]),
     }
     return subset, stats
 
 
-def build_collator(setting: Setting, tokenizer: PreTrainedTokenizerBase) -> Any:
-    """The transformers collator for the setting's layout (padding-free as `data.packing=padding_free` does)."""
+def build_collator(setting: Setting, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Any:
+    """The transformers collator for the layout (padding-free as `data.packing=padding_free` does)."""
     if setting.layout == "padding_free":
         # One row per micro-batch, position_ids restarting per example; the attention masks
         # derive each example's boundaries from the position ids, and labels get -100 at each seam.
@@ -326,7 +336,7 @@ def build_collator(setting: Setting, tokenizer: PreTrainedTokenizerBase) -> Any:
     return DataCollatorForSeq2Seq(
         tokenizer,
         padding=padding,
-        max_length=PROTOTYPE_MAX_LENGTH if padding == "max_length" else None,
+        max_length=max_length if padding == "max_length" else None,
         label_pad_token_id=IGNORE_INDEX,
         return_tensors="pt",
     )
@@ -348,9 +358,10 @@ def count_flops_per_token(model: torch.nn.Module) -> float:
 
 def run_setting(
     setting: Setting,
-    base: torch.nn.Module,
+    base: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     dataset: Dataset,
+    *,
     lora_cfg: LoraConfig,
     args: argparse.Namespace,
     out_dir: Path,
@@ -399,7 +410,7 @@ def run_setting(
         model=model,
         args=build_training_arguments(trainer_cfg, out_dir / "trainer" / setting.name, args.seed),
         train_dataset=examples,
-        data_collator=build_collator(setting, tokenizer),
+        data_collator=build_collator(setting, tokenizer, args.max_length),
         processing_class=tokenizer,
         callbacks=[recorder],
     )
@@ -430,7 +441,7 @@ def run_setting(
     except torch.OutOfMemoryError as exc:
         result.error = f"out of memory: {str(exc).splitlines()[0]}"
         log.error("setting %s: %s", setting.name, result.error)
-    except Exception as exc:  # noqa: BLE001  reported in the table and the exit code; the next setting runs
+    except Exception as exc:  # reported in the table and the exit code; the next setting runs
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.exception("setting %s failed", setting.name)
     finally:
@@ -462,7 +473,8 @@ def markdown_table(results: list[SettingResult], loss_steps: int) -> str:
     """One row per setting; ratios against the first setting (the reference)."""
     reference = results[0]
     header = (
-        "| setting | layout | micro-batch x accumulation | attention | Liger | fp32 upcast | real tokens/s | x first "
+        "| setting | layout | micro-batch x accumulation | attention | Liger | fp32 upcast | real tokens/s "
+        "| x first "
         f"| MFU | peak GPU memory (GiB) | mean loss, first {loss_steps} steps | loss vs first |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
@@ -473,7 +485,7 @@ def markdown_table(results: list[SettingResult], loss_steps: int) -> str:
         if r.error:
             rows.append(
                 f"| {s.name} | {s.layout} | {accumulation} | {s.attn_implementation} | "
-                f"{'on' if s.use_liger_kernel else 'off'} | {_on(s.upcast_unquantized_params)} | {r.error} | | | | | |"
+                f"{_on(s.use_liger_kernel)} | {_on(s.upcast_unquantized_params)} | {r.error} | | | | | |"
             )
             continue
         speedup = (
@@ -488,7 +500,8 @@ def markdown_table(results: list[SettingResult], loss_steps: int) -> str:
         )
         rows.append(
             f"| {s.name} | {s.layout} | {accumulation} | {s.attn_implementation} | "
-            f"{_on(s.use_liger_kernel)} | {_on(s.upcast_unquantized_params)} | {_fmt(r.real_tokens_per_s, '.0f')} | "
+            f"{_on(s.use_liger_kernel)} | {_on(s.upcast_unquantized_params)} | "
+            f"{_fmt(r.real_tokens_per_s, '.0f')} | "
             f"{speedup} | "
             f"{_fmt(r.mfu and 100 * r.mfu, '.1f')}{'%' if r.mfu else ''} | {_fmt(r.peak_memory_gb, '.1f')} | "
             f"{_fmt(r.mean_loss_first_k, '.4f')} | {loss_delta} |"
@@ -518,11 +531,12 @@ def write_report(
         table,
         f"- command: `{meta['command']}`",
         f"- data: {meta['data']['examples']} examples, mean {meta['data']['mean_length']:.0f} tokens "
-        f"({meta['data']['source']}); {meta['examples_per_step']} examples per optimizer step, identical order "
-        "in every setting",
+        f"({meta['data']['source']}); {meta['examples_per_step']} examples per optimizer step, "
+        "identical order in every setting",
         f"- real tokens/s: non-pad tokens over the steps after warm-up; {FLOP_FORMULA} Peak "
         f"{meta['peak_tflops']:.0f} TFLOP/s.",
-        "- peak GPU memory: torch.cuda.max_memory_allocated, reset before each setting (base weights included)",
+        "- peak GPU memory: torch.cuda.max_memory_allocated, reset before each setting "
+        "(base weights included)",
         f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
         "",
     ]
@@ -583,6 +597,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup-steps", type=int, default=1, help="untimed steps (+1 for compiled attention)"
     )
     parser.add_argument("--timed-steps", type=int, default=3, help="steps timed after warm-up")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=PROTOTYPE_MAX_LENGTH,
+        help="longest example kept (as data.max_length) and the prototype's padded length",
+    )
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument(
         "--optim", default=None, help="default paged_adamw_8bit on a GPU, adamw_torch on the CPU"
@@ -605,6 +625,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key in ("loss_steps", "timed_steps", "examples_per_step"):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1. Fix: pass a positive number")
+    if args.max_length < 64:
+        raise ConfigError(
+            f"--max-length {args.max_length} is too short. Fix: use 64 or more (512 as the prototype)"
+        )
     if args.warmup_steps < 0:
         raise ConfigError("--warmup-steps must be >= 0. Fix: pass 0 or more")
     return args
@@ -612,7 +636,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def select_settings(args: argparse.Namespace, model_cfg: ModelConfig) -> list[Setting]:
     """Standard settings by name plus --extra variants, validated, Liger-free ones first."""
-    standard = {s.name: s for s in standard_settings(model_cfg, args.examples_per_step)}
+    standard = {s.name: s for s in standard_settings(model_cfg, args.examples_per_step, args.max_length)}
     settings = []
     for name in filter(None, args.settings.split(",")):
         if name not in standard:
@@ -640,7 +664,12 @@ def run_bench(args: argparse.Namespace, command: str) -> list[SettingResult]:
     warmup_max = args.warmup_steps + 1
     steps_max = max(args.loss_steps, warmup_max + args.timed_steps) + (1 if args.profile else 0)
     dataset, data_stats = bench_dataset(
-        args.data, tokenizer, steps_max * args.examples_per_step, args.seed, out_dir
+        args.data,
+        tokenizer,
+        steps_max * args.examples_per_step,
+        seed=args.seed,
+        out_dir=out_dir,
+        max_length=args.max_length,
     )
     started = time.perf_counter()
     # Loaded once with no Liger and the first setting's attention; each setting switches what it needs.
@@ -651,7 +680,9 @@ def run_bench(args: argparse.Namespace, command: str) -> list[SettingResult]:
     args.compute_dtype = model_cfg.bnb_4bit_compute_dtype
     results = []
     for setting in settings:
-        results.append(run_setting(setting, base, tokenizer, dataset, lora_cfg, args, out_dir))
+        results.append(
+            run_setting(setting, base, tokenizer, dataset, lora_cfg=lora_cfg, args=args, out_dir=out_dir)
+        )
         log.info("setting %s done: %s", setting.name, results[-1].real_tokens_per_s)
     meta = {
         "model": f"{args.model} ({name_or_path}, preset model={preset})",

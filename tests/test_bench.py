@@ -128,22 +128,19 @@ def test_bench_cli_runs_every_setting_on_identical_data(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     result = run_cli(
         "qlora-bench",
-        "--model",
-        "tiny",
-        "--data",
-        "builtin",
-        "--examples-per-step",
-        "2",
-        "--loss-steps",
-        "2",
-        "--warmup-steps",
-        "0",
-        "--timed-steps",
-        "1",
-        "--extra",
-        "bf16_params:upcast=0",
-        "--out",
-        str(out),
+        *("--model", "tiny", "--data", "builtin", "--examples-per-step", "2", "--max-length", "64"),
+        *(
+            "--loss-steps",
+            "2",
+            "--warmup-steps",
+            "0",
+            "--timed-steps",
+            "1",
+            "--extra",
+            "bf16_params:upcast=0",
+        ),
+        *("--out", str(out)),
+        env={"OMP_NUM_THREADS": "1"},  # 2 shared cores: OpenMP spin-waiting makes CPU steps 20x slower
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
