@@ -147,7 +147,8 @@ def test_bench_cli_runs_every_setting_on_identical_data(tmp_path: Path) -> None:
     names = [s["setting"]["name"] for s in report["settings"]]
     assert names == ["prototype", "baseline", "defaults", "bf16_params"]
     losses = [s["mean_loss_first_k"] for s in report["settings"]]
-    # Same examples, same seed, same steps: layout must not change the loss (fp32 on the CPU).
+    # Same examples, same seed, same steps: layout must not change the loss. (On the CPU the compute
+    # dtype is fp32, so bf16_params only exercises the switch; its effect is measured on the GPU.)
     assert max(losses) - min(losses) < 1e-3 * losses[0], losses
     for setting in report["settings"]:
         assert setting["error"] is None
