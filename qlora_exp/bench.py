@@ -406,9 +406,11 @@ def run_setting(
         profile_step=timed_steps if profile else None,
         profile_path=out_dir / f"profile_{setting.name}.txt" if profile else None,
     )
+    training_args = build_training_arguments(trainer_cfg, out_dir / "trainer" / setting.name, args.seed)
+    training_args.eval_on_start = False  # training measures its "before" loss; the bench has no eval set
     trainer = Trainer(
         model=model,
-        args=build_training_arguments(trainer_cfg, out_dir / "trainer" / setting.name, args.seed),
+        args=training_args,
         train_dataset=examples,
         data_collator=build_collator(setting, tokenizer, args.max_length),
         processing_class=tokenizer,
