@@ -47,5 +47,8 @@ lint: install  ## ruff and mypy
 	$(BIN)/ruff format --check qlora_exp tests
 	$(BIN)/mypy qlora_exp
 
+bench: install  ## trainer settings side by side (GPU: Gemma-2-9B shape; CPU: tiny); ARGS="..." adds options
+	$(BIN)/qlora-bench $(ARGS)
+
 clean:  ## remove run outputs and caches (not the venv, not the embedded model cache)
 	rm -rf outputs multirun .pytest_cache .ruff_cache .mypy_cache

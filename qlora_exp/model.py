@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations.liger import apply_liger_kernel
 
 from qlora_exp.embedded_model import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
@@ -124,18 +125,54 @@ def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
     )
 
 
-def build_quantized_model(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> peft.PeftModel:
-    """4-bit base prepared for k-bit training (gradient checkpointing as configured) plus LoRA."""
+def check_liger(cfg: ModelConfig) -> None:
+    """Liger's kernels are Triton: refuse them without a CUDA GPU, before weights load."""
+    if cfg.use_liger_kernel and not torch.cuda.is_available():
+        raise ConfigError(
+            "model.use_liger_kernel: Liger's Triton kernels need a CUDA GPU and none is visible. "
+            "Fix: model.use_liger_kernel=false on this machine"
+        )
+
+
+def apply_speed_kernels(model: PreTrainedModel, cfg: ModelConfig) -> None:
+    """Patch Liger's kernels into the loaded model when configured (transformers' own helper)."""
+    if cfg.use_liger_kernel:
+        apply_liger_kernel(model, None)
+
+
+def cast_unquantized_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating-point parameter that is not 4-bit (embeddings, norms, adapters) to `dtype`."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.__class__.__name__ != "Params4bit" and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def load_trainable_base(model_cfg: ModelConfig) -> PreTrainedModel:
+    """4-bit base with the configured kernels, frozen and prepared for k-bit training."""
+    check_liger(model_cfg)
     base = load_quantized_base(model_cfg)
+    apply_speed_kernels(base, model_cfg)
     base = peft.prepare_model_for_kbit_training(
         base,
         use_gradient_checkpointing=model_cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+    if not model_cfg.upcast_unquantized_params:
+        cast_unquantized_params(base, resolve_compute_dtype(model_cfg.bnb_4bit_compute_dtype))
+    return base
+
+
+def attach_lora(base: PreTrainedModel, lora_cfg: LoraConfig) -> peft.PeftModel:
+    """A fresh LoRA adapter on `base` (initialised from the current torch seed)."""
     model = peft.get_peft_model(base, build_lora_config(lora_cfg))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.3f%%)", trainable, total, 100 * trainable / total)
     return model
+
+
+def build_quantized_model(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> peft.PeftModel:
+    """4-bit base prepared for k-bit training (gradient checkpointing as configured) plus LoRA."""
+    return attach_lora(load_trainable_base(model_cfg), lora_cfg)
 
 
 def count_trainable_parameters(model: torch.nn.Module) -> int:

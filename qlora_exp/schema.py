@@ -46,6 +46,13 @@ class ModelConfig:
     # FSDP shards 4-bit weights only when they are stored in the compute dtype.
     bnb_4bit_quant_storage: str | None = None
     gradient_checkpointing: bool = True
+    # Liger's Triton kernels for this architecture (RMSNorm, RoPE, GeGLU/SwiGLU, and a fused
+    # linear + cross-entropy loss that never materialises the vocabulary-sized logits). CUDA only.
+    use_liger_kernel: bool = False
+    # peft's prepare_model_for_kbit_training casts every unquantized parameter (embeddings, norms)
+    # to fp32, which puts the whole residual stream in fp32. false casts them back to the compute
+    # dtype: less memory and fewer dtype conversions per layer (Liger's RMSNorm still sums in fp32).
+    upcast_unquantized_params: bool = True
 
     def __post_init__(self) -> None:
         _require(bool(self.name_or_path), "model.name_or_path", "is empty", "name a hub id or a local dir")

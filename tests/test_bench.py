@@ -1,0 +1,158 @@
+"""qlora-bench: settings parsing and the report (unit), and one tiny end-to-end run on the CPU (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_exp.bench import (
+    Setting,
+    SettingResult,
+    main,
+    markdown_table,
+    order_settings,
+    parse_setting,
+    standard_settings,
+)
+from qlora_exp.errors import ConfigError, ExitCode
+from qlora_exp.model import cast_unquantized_params, check_liger
+from qlora_exp.schema import ModelConfig
+from tests.conftest import compose_config, run_cli
+
+GEMMA = ModelConfig(name_or_path="x", attn_implementation="flex_attention", use_liger_kernel=True)
+
+
+def test_standard_settings_are_prototype_baseline_and_the_presets_defaults() -> None:
+    prototype, baseline, defaults = standard_settings(GEMMA, 32)
+    assert (prototype.layout, prototype.micro_batch, prototype.attn_implementation) == (
+        "pad_to_max",
+        1,
+        "eager",
+    )
+    assert (baseline.layout, baseline.micro_batch, baseline.use_liger_kernel) == ("dynamic_padding", 8, False)
+    assert (defaults.layout, defaults.micro_batch) == ("padding_free", 32)
+    assert (defaults.attn_implementation, defaults.use_liger_kernel) == ("flex_attention", True)
+
+
+def test_parse_setting_overrides_only_what_it_names() -> None:
+    defaults = standard_settings(GEMMA, 32)[2]
+    variant = parse_setting("no_liger:liger=0,micro_batch=16,upcast=1", defaults)
+    assert variant.name == "no_liger"
+    assert (variant.use_liger_kernel, variant.micro_batch, variant.upcast_unquantized_params) == (
+        False,
+        16,
+        True,
+    )
+    assert variant.attn_implementation == defaults.attn_implementation
+
+
+@pytest.mark.parametrize("spec", ["nocolon", "x:liger=2", "x:colour=red", "x:micro_batch=many"])
+def test_parse_setting_rejects_what_it_cannot_read(spec: str) -> None:
+    with pytest.raises(ConfigError, match="--extra"):
+        parse_setting(spec, standard_settings(GEMMA, 32)[2])
+
+
+def test_micro_batch_must_divide_the_step() -> None:
+    with pytest.raises(ConfigError, match="micro_batch=5 does not divide"):
+        Setting("odd", "padding_free", 5, "eager", False).validate(32)
+
+
+def test_liger_settings_run_last_because_the_patch_cannot_be_undone() -> None:
+    prototype, baseline, defaults = standard_settings(GEMMA, 32)
+    assert [s.name for s in order_settings([defaults, prototype, baseline])] == [
+        "prototype",
+        "baseline",
+        "defaults",
+    ]
+
+
+def test_markdown_table_ratios_and_loss_against_the_first_setting() -> None:
+    prototype, _, defaults = standard_settings(GEMMA, 32)
+    first = SettingResult(
+        prototype, accumulation=32, real_tokens_per_s=200.0, mean_loss_first_k=10.0, peak_memory_gb=10.0
+    )
+    fast = SettingResult(
+        defaults,
+        accumulation=1,
+        real_tokens_per_s=5000.0,
+        mean_loss_first_k=10.05,
+        peak_memory_gb=12.5,
+        mfu=0.2,
+    )
+    broken = SettingResult(defaults, error="out of memory: tried to allocate")
+    table = markdown_table([first, fast, broken], loss_steps=3)
+    rows = table.splitlines()
+    assert "mean loss, first 3 steps" in rows[0]
+    assert "| 25.0x |" in rows[3] and "| +0.50% |" in rows[3] and "| 20.0% |" in rows[3]
+    assert "| 32 x 1 |" in rows[3]
+    assert "out of memory" in rows[4]
+
+
+def test_liger_is_refused_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"model.use_liger_kernel.*Fix: model.use_liger_kernel=false"):
+        check_liger(GEMMA)
+
+
+def test_bench_refuses_liger_on_the_cpu_before_loading_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "tiny", "--settings", "baseline", "--extra", "fast:liger=1", "--out", str(tmp_path)])
+    assert exc.value.code == ExitCode.CONFIG
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_gemma2_preset_turns_the_speed_switches_on() -> None:
+    model = compose_config("model=gemma2_9b_it").model
+    assert model.attn_implementation == "flex_attention"
+    assert model.use_liger_kernel is True
+    assert model.upcast_unquantized_params is False
+
+
+def test_cast_unquantized_params_round_trips_without_loss() -> None:
+    layer = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    before = layer.weight.detach().clone()
+    cast_unquantized_params(layer, torch.float32)
+    assert layer.weight.dtype == torch.float32
+    cast_unquantized_params(layer, torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, before)
+
+
+@pytest.mark.slow
+def test_bench_cli_runs_every_setting_on_identical_data(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = run_cli(
+        "qlora-bench",
+        *("--model", "tiny", "--data", "builtin", "--examples-per-step", "2", "--max-length", "64"),
+        *(
+            "--loss-steps",
+            "2",
+            "--warmup-steps",
+            "0",
+            "--timed-steps",
+            "1",
+            "--extra",
+            "bf16_params:upcast=0",
+        ),
+        *("--out", str(out)),
+        env={"OMP_NUM_THREADS": "1"},  # 2 shared cores: OpenMP spin-waiting makes CPU steps 20x slower
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    names = [s["setting"]["name"] for s in report["settings"]]
+    assert names == ["prototype", "baseline", "defaults", "bf16_params"]
+    losses = [s["mean_loss_first_k"] for s in report["settings"]]
+    # Same examples, same seed, same steps: layout must not change the loss. (On the CPU the compute
+    # dtype is fp32, so bf16_params only exercises the switch; its effect is measured on the GPU.)
+    assert max(losses) - min(losses) < 1e-3 * losses[0], losses
+    for setting in report["settings"]:
+        assert setting["error"] is None
+        assert setting["real_tokens_per_s"] > 0
+        assert setting["step_real_tokens"] == report["settings"][0]["step_real_tokens"]
+    assert "| prototype | pad_to_max | 1 x 2 |" in (out / "bench.md").read_text()
+    assert "| defaults | padding_free | 2 x 1 |" in result.stdout
