@@ -64,6 +64,8 @@ def build_lora_config(cfg: LoraConfig) -> peft.LoraConfig:
         target_modules=targets,
         bias=cfg.bias,
         use_rslora=cfg.use_rslora,
+        modules_to_save=list(cfg.modules_to_save) or None,
+        ensure_weight_tying=bool(cfg.modules_to_save),
         task_type=peft.TaskType.CAUSAL_LM,
     )
 

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from qlora_exp.data import DataModule
 from qlora_exp.schema import TrainerConfig
@@ -46,8 +53,13 @@ def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> Tr
         logging_first_step=True,
         train_sampling_strategy=cfg.train_sampling_strategy,
         dataloader_num_workers=cfg.dataloader_num_workers,
-        eval_strategy="no",
-        save_strategy="no",
+        eval_strategy="steps" if cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps or None,
+        # "best" keeps a checkpoint only when eval_loss improves: what load_best_model_at_end reloads.
+        save_strategy="best" if cfg.load_best_model_at_end else "no",
+        load_best_model_at_end=cfg.load_best_model_at_end,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         report_to="none",  # tracking goes through qlora_exp.tracking (see why there)
         seed=seed,
         data_seed=seed,
@@ -63,6 +75,25 @@ def peak_memory() -> dict[str, Any]:
         return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "peak_memory_kind": "cuda_allocated"}
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_memory_gb": rss_kb / 2**20, "peak_memory_kind": "cpu_max_rss"}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that a diverged run gives a large number rather than an overflow."""
+    return math.exp(min(loss, 50.0))
+
+
+def build_evaluation_callbacks(cfg: TrainerConfig) -> list[TrainerCallback]:
+    """Trainer's own early stopping on eval_loss, when trainer.early_stopping_patience is set."""
+    if cfg.early_stopping_patience is None:
+        return []
+    return [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)]
+
+
+def eval_history(loss_before: float, log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Every evaluation of the run: the one before training (`train()` starts a fresh log), then the
+    Trainer's own during and after training."""
+    entries = [(0, loss_before)] + [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    return [{"step": step, "eval_loss": loss, "perplexity": perplexity(loss)} for step, loss in entries]
 
 
 def build_trainer(
@@ -97,14 +128,15 @@ def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
     metrics = {
         "eval_loss_before": float(before),
         "eval_loss": float(after),
-        "perplexity_before": math.exp(min(before, 50.0)),
-        "perplexity": math.exp(min(after, 50.0)),
+        "perplexity_before": perplexity(before),
+        "perplexity": perplexity(after),
         "train_loss": float(result.training_loss),
         "train_steps": int(trainer.state.global_step),
         "train_tokens": tokens,
         "train_tokens_per_second": tokens / runtime if runtime > 0 else 0.0,
         "train_runtime_s": runtime,
         **peak_memory(),
+        "eval_history": eval_history(before, trainer.state.log_history),
     }
     log.info(
         "eval_loss %.4f -> %.4f, train_loss %.4f, %.0f tokens/s, %.1f s",
