@@ -66,7 +66,7 @@ class ChatSession:
             )["input_ids"]
         )
 
-    def _fit_history(self, turns: list[Message]) -> list[Message]:
+    def fit_history(self, turns: list[Message]) -> list[Message]:
         """Drop the oldest user/model pairs until the prompt fits the model's context."""
         while self._prompt_length(turns) > self.prompt_limit:
             if len(turns) <= 1:
@@ -81,7 +81,7 @@ class ChatSession:
     def reply(self, text: str) -> str:
         """Stream the model's answer to `text` to stdout and add both to the history."""
         try:
-            turns = self._fit_history([*self.turns, {"role": "user", "content": text}])
+            turns = self.fit_history([*self.turns, {"role": "user", "content": text}])
         except TemplateError as exc:  # e.g. a template that rejects the system role
             raise TurnRefused(f"the chat template rejects this conversation: {exc}") from exc
         sys.stdout.write(REPLY_PREFIX)

@@ -30,7 +30,8 @@ def check_output_dir(out: Path) -> None:
     """Refuse an --out that exists as a file or as a directory with anything in it."""
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise RunDirectoryError(
-            f"--out {out} exists and is not empty; refusing to overwrite it. Fix: pass a new or empty directory"
+            f"--out {out} exists and is not empty; refusing to overwrite it. "
+            "Fix: pass a new or empty directory"
         )
 
 
@@ -60,8 +61,12 @@ def merge_run(run: FinishedRun, out: Path, dtype: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="qlora-merge", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a completed qlora-train run directory")
-    parser.add_argument("--out", type=Path, required=True, help="new (or empty) directory for the merged model")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights' dtype (default bf16)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="new (or empty) directory for the merged model"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="bf16", help="weights' dtype (default bf16)"
+    )
     return parser.parse_args(argv)
 
 
