@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 from jinja2 import TemplateError
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
+from transformers import PreTrainedTokenizerBase, TextStreamer, set_seed
 
 from qlora_exp.finished_run import FinishedRun, configure_cli_logging, exit_on_error
 from qlora_exp.generate import add_decoding_arguments, decoding_config
-from qlora_exp.generation import Message, generate_replies
+from qlora_exp.generation import GenerativeModel, Message, generate_replies, prompt_token_ids
 from qlora_exp.schema import EvalConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class ChatSession:
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: GenerativeModel,
         tokenizer: PreTrainedTokenizerBase,
         cfg: EvalConfig,
         system: str | None,
@@ -60,11 +60,7 @@ class ChatSession:
         self.turns = []
 
     def _prompt_length(self, turns: list[Message]) -> int:
-        return len(
-            self.tokenizer.apply_chat_template(
-                self.head + turns, tokenize=True, add_generation_prompt=True, return_dict=True
-            )["input_ids"]
-        )
+        return len(prompt_token_ids(self.tokenizer, self.head + turns))
 
     def fit_history(self, turns: list[Message]) -> list[Message]:
         """Drop the oldest user/model pairs until the prompt fits the model's context."""

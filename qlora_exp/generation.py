@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 from transformers import (
     GenerationConfig,
@@ -36,9 +37,11 @@ from qlora_exp.tracking import Tracker
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.jsonl"
+# A transformers model, or one wrapped by peft (which forwards generate to it).
+GenerativeModel = PreTrainedModel | peft.PeftModel
 
 
-def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_token_ids(model: GenerativeModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids that end a reply: the model's generation_config EOS ids (chat models list their
     end-of-turn token there, e.g. Gemma's `<end_of_turn>`) plus the tokenizer's EOS."""
     configured = model.generation_config.eos_token_id
@@ -49,7 +52,7 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 
 
 def build_generation_config(
-    cfg: EvalConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    cfg: EvalConfig, model: GenerativeModel, tokenizer: PreTrainedTokenizerBase
 ) -> GenerationConfig:
     """Decoding settings from `EvalConfig`; greedy unless `do_sample`."""
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
@@ -76,8 +79,16 @@ def inference_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
+    """`messages` rendered with the chat template and tokenized, ending where the model's turn starts."""
+    encoded: Any = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=True
+    )
+    return list(encoded["input_ids"])
+
+
 def generate_replies(
-    model: PreTrainedModel,
+    model: GenerativeModel,
     tokenizer: PreTrainedTokenizerBase,
     conversations: list[list[Message]],
     cfg: EvalConfig,
@@ -89,17 +100,13 @@ def generate_replies(
     replies: list[str] = []
     with inference_mode(model):
         for start in range(0, len(conversations), cfg.batch_size):
-            rendered = [
-                tokenizer.apply_chat_template(
-                    messages, tokenize=True, add_generation_prompt=True, return_dict=True
-                )["input_ids"]
-                for messages in conversations[start : start + cfg.batch_size]
-            ]
+            rendered = [prompt_token_ids(tokenizer, m) for m in conversations[start : start + cfg.batch_size]]
             # Left padding: every row's reply starts at the same position.
             batch = tokenizer.pad({"input_ids": rendered}, padding_side="left", return_tensors="pt").to(
                 device
             )
-            output = model.generate(**batch, generation_config=generation_config, streamer=streamer)
+            # mypy takes peft's forwarded `generate` for nn.Module.__getattr__'s Tensor, hence the ignore.
+            output = model.generate(**batch, generation_config=generation_config, streamer=streamer)  # type: ignore[operator]
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             replies.extend(
                 text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -156,7 +163,7 @@ class HeldOutSamples(TrainerCallback):
         self.before: list[str] | None = None
         self.metrics: dict[str, Any] = {}
 
-    def _generate(self, model: PreTrainedModel, when: str, step: int) -> list[str]:
+    def _generate(self, model: GenerativeModel, when: str, step: int) -> list[str]:
         generations = generate_replies(model, self.tokenizer, self.prompts, self.cfg)
         rate = exact_match_rate(generations, self.references)
         log.info("exact match %s: %.3f on %d held-out prompts", when, rate, len(self.prompts))

@@ -64,8 +64,9 @@ class Tracker:
     def log_table(self, key: str, rows: list[dict[str, Any]], step: int | None = None) -> None:
         """Log rows (dicts with the same keys) as a W&B table under `key`."""
         if self.run is not None and rows:
-            columns = list(rows[0])
-            table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+            names = list(rows[0])
+            columns: list[str | int] = [*names]
+            table = wandb.Table(columns=columns, data=[[row[n] for n in names] for row in rows])
             self.run.log({key: table}, step=step)
 
     def summarize(self, metrics: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from qlora_exp import generate
 from qlora_exp.errors import ExitCode
 from tests.conftest import run_cli
 
@@ -71,16 +72,45 @@ def test_generate_prompt_prints_the_answer(smoke_run: Path) -> None:
     assert "INFO" not in result.stdout  # logs go to stderr, stdout is the answer alone
 
 
-def test_generate_reports_bad_input_with_its_line(smoke_run: Path, tmp_path: Path) -> None:
+def test_generate_reports_bad_input_with_its_line(
+    smoke_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     prompts = tmp_path / "bad.jsonl"
     prompts.write_text('{"prompt": "fine"}\n{"messages": [{"role": "assistant", "content": "x"}]}\n')
-    result = run_cli("qlora-generate", str(smoke_run), "--file", str(prompts))
-    assert result.returncode == ExitCode.DATA
-    assert f"{prompts}:2" in result.stderr and "ending with a user turn" in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main([str(smoke_run), "--file", str(prompts)])
+    assert exit_info.value.code == ExitCode.DATA
+    assert f"{prompts}:2" in caplog.text and "ending with a user turn" in caplog.text
 
 
-def test_generate_refuses_a_directory_that_is_not_a_finished_run(tmp_path: Path) -> None:
-    result = run_cli("qlora-generate", str(tmp_path), "--prompt", "hi")
-    assert result.returncode == ExitCode.RUN_DIR
-    assert "not a finished run" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_generate_refuses_a_directory_that_is_not_a_finished_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main([str(tmp_path), "--prompt", "hi"])
+    assert exit_info.value.code == ExitCode.RUN_DIR
+    assert "not a finished run" in caplog.text
+
+
+def test_early_stopping_keeps_the_best_adapter(tmp_path: Path) -> None:
+    # A constant, far too high learning rate makes eval_loss rise within a few steps (seeded).
+    result = run_cli(
+        "qlora-train",
+        "experiment=smoke",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "eval.num_samples=0",
+        "trainer.max_steps=8",
+        "trainer.eval_steps=1",
+        "trainer.learning_rate=0.05",
+        "trainer.lr_scheduler_type=constant",
+        "trainer.warmup_steps=0",
+        "trainer.early_stopping_patience=1",
+        "trainer.load_best_model_at_end=true",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    during = [entry["eval_loss"] for entry in metrics["eval_history"][1:-1]]
+    assert metrics["train_steps"] < 8, "eval_loss rose, so training should have stopped early"
+    assert during[-1] > min(during)
+    # The final evaluation is of the reloaded best adapter, which is also what was saved.
+    assert metrics["eval_loss"] == pytest.approx(min(during))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qlora_exp import merge
 from qlora_exp.errors import ExitCode, RunDirectoryError
 from qlora_exp.finished_run import FinishedRun
 from qlora_exp.merge import merge_run
@@ -63,12 +64,15 @@ def test_merged_model_loads_without_peft_and_matches_base_plus_adapter(
     assert json.loads((merged_dir / "qlora_merge.json").read_text())["dtype"] == "bf16"
 
 
-def test_merge_refuses_a_non_empty_out_and_leaves_it_intact(smoke_run: Path, merged_dir: Path) -> None:
+def test_merge_refuses_a_non_empty_out_and_leaves_it_intact(
+    smoke_run: Path, merged_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     weights = merged_dir / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    result = run_cli("qlora-merge", str(smoke_run), "--out", str(merged_dir))
-    assert result.returncode == ExitCode.RUN_DIR
-    assert "not empty; refusing to overwrite" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        merge.main([str(smoke_run), "--out", str(merged_dir)])
+    assert exit_info.value.code == ExitCode.RUN_DIR
+    assert "not empty; refusing to overwrite" in caplog.text
     assert weights.stat().st_mtime_ns == before
 
 
