@@ -162,6 +162,7 @@ class HeldOutSamples(TrainerCallback):
         self.references = [reference for _, reference in pairs]
         self.before: list[str] | None = None
         self.metrics: dict[str, Any] = {}
+        self.training = False  # on_evaluate also fires for trainer.evaluate() outside train()
 
     def _generate(self, model: GenerativeModel, when: str, step: int) -> list[str]:
         generations = generate_replies(model, self.tokenizer, self.prompts, self.cfg)
@@ -185,6 +186,7 @@ class HeldOutSamples(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self.training = True
         if not self.prompts:
             return
         if state.global_step > 0:  # resumed from a checkpoint: the untrained model is gone
@@ -195,14 +197,19 @@ class HeldOutSamples(TrainerCallback):
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        # The Trainer evaluates at every eval_steps with state.global_step > 0; the evaluations
-        # before and after training are covered by on_train_begin / on_train_end.
-        if self.prompts and self.cfg.samples_every_eval and 0 < state.global_step < state.max_steps:
+        # Step 0 (eval_on_start) and the last step are covered by on_train_begin / on_train_end.
+        if (
+            self.training
+            and self.prompts
+            and self.cfg.samples_every_eval
+            and 0 < state.global_step < state.max_steps
+        ):
             self._generate(kwargs["model"], "during", state.global_step)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self.training = False
         if not self.prompts:
             return
         generations = self._generate(kwargs["model"], "after", state.global_step)
@@ -213,6 +220,8 @@ class HeldOutSamples(TrainerCallback):
             self.metrics["exact_match_before"] = exact_match_rate(self.before, self.references)
         self.metrics["exact_match"] = exact_match_rate(generations, self.references)
         self.metrics["exact_match_samples"] = len(rows)
+        if not state.is_world_process_zero:  # every rank generates the same; one writes
+            return
         with (self.run_dir / SAMPLES_FILE).open("w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")

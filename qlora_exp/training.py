@@ -55,6 +55,10 @@ def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> Tr
         dataloader_num_workers=cfg.dataloader_num_workers,
         eval_strategy="steps" if cfg.eval_steps > 0 else "no",
         eval_steps=cfg.eval_steps or None,
+        # The "before" evaluation runs inside train(), after the model is wrapped for DDP. Calling
+        # evaluate() before train() registers the bare model with accelerate, and train() then skips
+        # the DDP wrapper: ranks silently train apart (transformers 5.24; test_distributed guards it).
+        eval_on_start=True,
         # "best" keeps a checkpoint only when eval_loss improves: what load_best_model_at_end reloads.
         save_strategy="best" if cfg.load_best_model_at_end else "no",
         load_best_model_at_end=cfg.load_best_model_at_end,
@@ -72,7 +76,10 @@ def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> Tr
 def peak_memory() -> dict[str, Any]:
     """Peak accelerator memory allocated by torch, or the process's peak RSS on the CPU."""
     if torch.cuda.is_available():
-        return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "peak_memory_kind": "cuda_allocated"}
+        return {
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_memory_kind": "cuda_allocated",
+        }
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_memory_gb": rss_kb / 2**20, "peak_memory_kind": "cpu_max_rss"}
 
@@ -89,11 +96,13 @@ def build_evaluation_callbacks(cfg: TrainerConfig) -> list[TrainerCallback]:
     return [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)]
 
 
-def eval_history(loss_before: float, log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """Every evaluation of the run: the one before training (`train()` starts a fresh log), then the
-    Trainer's own during and after training."""
-    entries = [(0, loss_before)] + [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    return [{"step": step, "eval_loss": loss, "perplexity": perplexity(loss)} for step, loss in entries]
+def eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Every evaluation in the Trainer's log: before training (step 0), every eval_steps, after."""
+    return [
+        {"step": e["step"], "eval_loss": e["eval_loss"], "perplexity": perplexity(e["eval_loss"])}
+        for e in log_history
+        if "eval_loss" in e
+    ]
 
 
 def build_trainer(
@@ -119,9 +128,9 @@ def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
     """Evaluate, train, evaluate again, all on the same in-memory model; returns run metrics."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    before = trainer.evaluate()["eval_loss"]
+    result = trainer.train()  # evaluates first (eval_on_start)
+    before = next(entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry)
     log.info("eval_loss before training: %.4f", before)
-    result = trainer.train()
     after = trainer.evaluate()["eval_loss"]
     runtime = float(result.metrics["train_runtime"])
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -136,7 +145,7 @@ def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
         "train_tokens_per_second": tokens / runtime if runtime > 0 else 0.0,
         "train_runtime_s": runtime,
         **peak_memory(),
-        "eval_history": eval_history(before, trainer.state.log_history),
+        "eval_history": eval_history(trainer.state.log_history),
     }
     log.info(
         "eval_loss %.4f -> %.4f, train_loss %.4f, %.0f tokens/s, %.1f s",

@@ -63,9 +63,9 @@ def test_sample_selection_is_seeded_ordered_and_bounded() -> None:
         (["eval.temperature=0.7"], "eval.temperature"),
         (["eval.num_samples=-1"], "eval.num_samples"),
         (["eval.do_sample=true", "eval.top_p=0"], "eval.top_p"),
-        (["eval.samples_every_eval=true"], "eval.samples_every_eval"),
-        (["trainer.load_best_model_at_end=true"], "trainer.load_best_model_at_end"),
-        (["trainer.early_stopping_patience=2"], "trainer.early_stopping_patience"),
+        (["trainer.eval_steps=0", "eval.samples_every_eval=true"], "eval.samples_every_eval"),
+        (["trainer.eval_steps=0", "trainer.load_best_model_at_end=true"], "trainer.load_best_model_at_end"),
+        (["trainer.eval_steps=0", "trainer.early_stopping_patience=2"], "trainer.early_stopping_patience"),
         (["trainer.eval_steps=10", "trainer.early_stopping_patience=0"], "trainer.early_stopping_patience"),
     ],
 )
@@ -89,10 +89,10 @@ def test_eval_settings_that_fit_together_validate() -> None:
     assert schema.trainer.eval_steps == 2 and schema.eval.temperature == 0.7
 
 
-def test_eval_history_puts_the_evaluation_before_training_first() -> None:
-    log = [{"loss": 6.0, "step": 1}, {"eval_loss": 5.0, "step": 2}, {"eval_loss": 4.0, "step": 4}]
-    history = eval_history(6.5, log)
-    assert [(h["step"], h["eval_loss"]) for h in history] == [(0, 6.5), (2, 5.0), (4, 4.0)]
+def test_eval_history_lists_every_evaluation_with_perplexity() -> None:
+    log = [{"eval_loss": 6.5, "step": 0}, {"loss": 6.0, "step": 1}, {"eval_loss": 5.0, "step": 2}]
+    history = eval_history(log)
+    assert [(h["step"], h["eval_loss"]) for h in history] == [(0, 6.5), (2, 5.0)]
     assert history[1]["perplexity"] == pytest.approx(perplexity(5.0))
 
 

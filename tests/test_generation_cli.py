@@ -92,13 +92,15 @@ def test_generate_refuses_a_directory_that_is_not_a_finished_run(
     assert "not a finished run" in caplog.text
 
 
-def test_early_stopping_keeps_the_best_adapter(tmp_path: Path) -> None:
+def test_early_stopping_keeps_the_best_adapter_and_samples_every_eval(tmp_path: Path) -> None:
     # A constant, far too high learning rate makes eval_loss rise within a few steps (seeded).
     result = run_cli(
         "qlora-train",
         "experiment=smoke",
         f"hydra.run.dir={tmp_path / 'run'}",
-        "eval.num_samples=0",
+        "eval.num_samples=2",
+        "eval.max_new_tokens=2",
+        "eval.samples_every_eval=true",
         "trainer.max_steps=8",
         "trainer.eval_steps=1",
         "trainer.learning_rate=0.05",
@@ -114,3 +116,4 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path: Path) -> None:
     assert during[-1] > min(during)
     # The final evaluation is of the reloaded best adapter, which is also what was saved.
     assert metrics["eval_loss"] == pytest.approx(min(during))
+    assert "exact match during" in result.stdout + result.stderr  # eval.samples_every_eval at evaluations
