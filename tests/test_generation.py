@@ -111,6 +111,7 @@ def test_generation_stops_at_the_templates_end_of_turn(untrained_model: tuple) -
     assert config.do_sample is False and config.max_new_tokens == EvalConfig().max_new_tokens
 
 
+@pytest.mark.slow
 def test_batched_left_padded_generation_matches_one_by_one(untrained_model: tuple) -> None:
     model, tokenizer = untrained_model
     prompts = [
