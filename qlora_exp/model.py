@@ -72,6 +72,8 @@ def build_lora_config(cfg: LoraConfig) -> peft.LoraConfig:
         target_modules=targets,
         bias=cfg.bias,  # type: ignore[arg-type]  # validated by the schema
         use_rslora=cfg.use_rslora,
+        modules_to_save=list(cfg.modules_to_save) or None,
+        ensure_weight_tying=bool(cfg.modules_to_save),
         task_type=peft.TaskType.CAUSAL_LM,
     )
 

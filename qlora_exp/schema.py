@@ -83,6 +83,9 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     bias: str = "none"
     use_rslora: bool = False
+    # Whole modules trained and saved beside the adapter, e.g. [embed_tokens] (peft's modules_to_save);
+    # a tied output head stays tied to the trained copy.
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(self.r > 0, "lora.r", f"must be positive, got {self.r}", "use e.g. lora.r=16")
@@ -220,6 +223,10 @@ class TrainerConfig:
     logging_steps: int = 10
     train_sampling_strategy: str = "random"  # random | sequential | group_by_length
     dataloader_num_workers: int = 0
+    # Evaluation during training (Trainer's own schedule, EarlyStoppingCallback, best-model reload).
+    eval_steps: int = 0  # evaluate every N optimizer steps; 0: only before and after training
+    early_stopping_patience: int | None = None  # stop after N evaluations without a lower eval_loss
+    load_best_model_at_end: bool = False  # end with the adapter of the evaluation with the lowest eval_loss
 
     def __post_init__(self) -> None:
         _require(
@@ -254,6 +261,23 @@ class TrainerConfig:
             "trainer.train_sampling_strategy",
             ("random", "sequential", "group_by_length"),
         )
+        _require(self.eval_steps >= 0, "trainer.eval_steps", f"must be >= 0, got {self.eval_steps}", "use 50")
+        _require(
+            self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+            "trainer.early_stopping_patience",
+            f"must be >= 1 or null, got {self.early_stopping_patience}",
+            "use e.g. 3, or null to train to the end",
+        )
+        for key, wanted in (
+            ("early_stopping_patience", self.early_stopping_patience is not None),
+            ("load_best_model_at_end", self.load_best_model_at_end),
+        ):
+            _require(
+                not wanted or self.eval_steps > 0,
+                f"trainer.{key}",
+                "needs evaluations during training, but trainer.eval_steps=0",
+                "set trainer.eval_steps to a step count, e.g. trainer.eval_steps=50",
+            )
 
 
 @dataclass
@@ -275,6 +299,32 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Generations on held-out prompts: shown as samples, scored by exact match against the reference."""
+
+    num_samples: int = 16  # a fixed, seeded subset of the validation conversations; 0 turns samples off
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    do_sample: bool = False  # greedy by default, so exact match is deterministic
+    temperature: float = 1.0
+    top_p: float = 1.0
+    samples_every_eval: bool = False  # also generate (and log a W&B table) at every trainer.eval_steps
+
+    def __post_init__(self) -> None:
+        _require(self.num_samples >= 0, "eval.num_samples", f"must be >= 0, got {self.num_samples}", "use 16")
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", "use e.g. 32")
+        _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1", "use e.g. 8")
+        _require(self.temperature > 0, "eval.temperature", f"must be > 0, got {self.temperature}", "use 0.7")
+        _require(0.0 < self.top_p <= 1.0, "eval.top_p", f"must be in (0, 1], got {self.top_p}", "use 0.9")
+        _require(
+            self.do_sample or (self.temperature == 1.0 and self.top_p == 1.0),
+            "eval.temperature / eval.top_p",
+            "only apply when sampling, but eval.do_sample=false (greedy)",
+            "set eval.do_sample=true, or leave temperature and top_p at 1.0",
+        )
+
+
+@dataclass
 class Config:
     """The whole experiment: one section per config group, plus the seed."""
 
@@ -285,9 +335,16 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}", "use e.g. seed=42")
+        _require(
+            not self.eval.samples_every_eval or self.trainer.eval_steps > 0,
+            "eval.samples_every_eval",
+            "needs evaluations during training, but trainer.eval_steps=0",
+            "set trainer.eval_steps, e.g. trainer.eval_steps=50",
+        )
 
 
 def register_configs() -> None:

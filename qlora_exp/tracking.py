@@ -18,6 +18,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from qlora_exp.distributed import is_main_process
 from qlora_exp.run_dir import redact_secrets
 from qlora_exp.schema import TrackingConfig
+from qlora_exp.training import perplexity
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,14 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def log_table(self, key: str, rows: list[dict[str, Any]], step: int | None = None) -> None:
+        """Log rows (dicts with the same keys) as a W&B table under `key`."""
+        if self.run is not None and rows:
+            names = list(rows[0])
+            columns: list[str | int] = [*names]
+            table = wandb.Table(columns=columns, data=[[row[n] for n in names] for row in rows])
+            self.run.log({key: table}, step=step)
+
     def summarize(self, metrics: dict[str, Any]) -> None:
         """Put final metrics in the run summary."""
         if self.run is not None:
@@ -90,4 +99,5 @@ class TrackingCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         if logs and state.is_world_process_zero:
-            self.tracker.log(dict(logs), step=state.global_step)
+            extra = {"eval_perplexity": perplexity(logs["eval_loss"])} if "eval_loss" in logs else {}
+            self.tracker.log({**logs, **extra}, step=state.global_step)

@@ -19,12 +19,18 @@ from transformers import set_seed
 from qlora_exp.data import DataModule
 from qlora_exp.distributed import quiet_non_main_ranks, run_stamp
 from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
+from qlora_exp.generation import HeldOutSamples
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
 from qlora_exp.preview import preview_data
 from qlora_exp.run_dir import RunDirectory
 from qlora_exp.schema import register_configs, to_schema
 from qlora_exp.tracking import Tracker, TrackingCallback
-from qlora_exp.training import build_trainer, build_training_arguments, train_and_evaluate
+from qlora_exp.training import (
+    build_evaluation_callbacks,
+    build_trainer,
+    build_training_arguments,
+    train_and_evaluate,
+)
 
 log = logging.getLogger("qlora_exp.train")
 register_configs()
@@ -62,8 +68,10 @@ def run_experiment(cfg: DictConfig) -> float:
         extra = {"trainable_params": trainable, "lora_scale": schema.lora.scale}
         with Tracker(schema.tracking, run_dir, {**resolved, **extra}) as tracker:
             args = build_training_arguments(schema.trainer, run_dir, schema.seed)
-            trainer = build_trainer(model, tokenizer, data, args, [TrackingCallback(tracker)])
-            metrics = {**train_and_evaluate(trainer), **extra}
+            samples = HeldOutSamples(schema.eval, data, run_dir, tracker)
+            callbacks = [TrackingCallback(tracker), samples, *build_evaluation_callbacks(schema.trainer)]
+            trainer = build_trainer(model, tokenizer, data, args, callbacks)
+            metrics = {**train_and_evaluate(trainer), **samples.metrics, **extra}
             if run.writer:
                 save_adapter(model, tokenizer, run_dir)
             run.write_json("metrics.json", metrics)

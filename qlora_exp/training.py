@@ -10,7 +10,14 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from qlora_exp.data import DataModule
 from qlora_exp.distributed import parameters_agree_across_ranks
@@ -49,12 +56,17 @@ def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> Tr
         logging_first_step=True,
         train_sampling_strategy=cfg.train_sampling_strategy,
         dataloader_num_workers=cfg.dataloader_num_workers,
-        eval_strategy="no",
+        eval_strategy="steps" if cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps or None,
         # The "before" evaluation runs inside train(), after the model is wrapped for DDP. Calling
         # evaluate() before train() registers the bare model with accelerate, and train() then skips
         # the DDP wrapper: ranks silently train apart (transformers 5.24; test_distributed guards it).
         eval_on_start=True,
-        save_strategy="no",
+        # "best" keeps a checkpoint only when eval_loss improves: what load_best_model_at_end reloads.
+        save_strategy="best" if cfg.load_best_model_at_end else "no",
+        load_best_model_at_end=cfg.load_best_model_at_end,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         # Without an accelerator, say so: accelerate then runs multi-process CPU DDP over gloo.
         use_cpu=not torch.cuda.is_available(),
         report_to="none",  # tracking goes through qlora_exp.tracking (see why there)
@@ -75,6 +87,27 @@ def peak_memory() -> dict[str, Any]:
         }
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_memory_gb": rss_kb / 2**20, "peak_memory_kind": "cpu_max_rss"}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that a diverged run gives a large number rather than an overflow."""
+    return math.exp(min(loss, 50.0))
+
+
+def build_evaluation_callbacks(cfg: TrainerConfig) -> list[TrainerCallback]:
+    """Trainer's own early stopping on eval_loss, when trainer.early_stopping_patience is set."""
+    if cfg.early_stopping_patience is None:
+        return []
+    return [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)]
+
+
+def eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Every evaluation in the Trainer's log: before training (step 0), every eval_steps, after."""
+    return [
+        {"step": e["step"], "eval_loss": e["eval_loss"], "perplexity": perplexity(e["eval_loss"])}
+        for e in log_history
+        if "eval_loss" in e
+    ]
 
 
 def build_trainer(
@@ -109,8 +142,8 @@ def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
     metrics = {
         "eval_loss_before": float(before),
         "eval_loss": float(after),
-        "perplexity_before": math.exp(min(before, 50.0)),
-        "perplexity": math.exp(min(after, 50.0)),
+        "perplexity_before": perplexity(before),
+        "perplexity": perplexity(after),
         "train_loss": float(result.training_loss),
         "train_steps": int(trainer.state.global_step),
         "train_tokens": tokens,
@@ -122,6 +155,7 @@ def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
         * trainer.args.world_size,
         "ranks_agree": parameters_agree_across_ranks(trainer.model),  # type: ignore[arg-type]
         **peak_memory(),
+        "eval_history": eval_history(trainer.state.log_history),
     }
     if not metrics["ranks_agree"]:
         raise QloraError(
