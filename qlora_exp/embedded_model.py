@@ -127,7 +127,7 @@ def train_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(corpus + ["user", "model", "system"], trainer=trainer)
+    tokenizer.train_from_iterator([*corpus, "user", "model", "system"], trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<bos>",
@@ -146,7 +146,7 @@ def build_checkpoint(name: str, target: Path) -> None:
     arch = ARCHITECTURES[name]
     log.info("building embedded checkpoint %s in %s (once; cached afterwards)", name, target)
     tokenizer = train_tokenizer(arch.tokenizer_vocab_size)
-    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    end_of_turn = int(tokenizer.convert_tokens_to_ids("<end_of_turn>"))  # type: ignore[arg-type]
     config = Gemma2Config(
         vocab_size=arch.vocab_size or len(tokenizer),
         hidden_size=arch.hidden_size,
@@ -175,7 +175,7 @@ def build_checkpoint(name: str, target: Path) -> None:
             model = Gemma2ForCausalLM._from_config(config, dtype=dtype)
     else:
         with torch.device("cpu"):
-            model = Gemma2ForCausalLM(config).to(dtype)
+            model = Gemma2ForCausalLM(config).to(dtype)  # type: ignore[arg-type]
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, end_of_turn],
