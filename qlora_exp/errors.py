@@ -52,3 +52,9 @@ class RunDirectoryError(QloraError):
     """The run directory is in use by another process or cannot be written."""
 
     exit_code = ExitCode.RUN_DIR
+
+
+class PreemptedError(QloraError):
+    """A preemption signal arrived; a checkpoint was saved and the same command resumes the run."""
+
+    exit_code = ExitCode.PREEMPTED

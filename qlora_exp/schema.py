@@ -145,6 +145,11 @@ class TrainerConfig:
     logging_steps: int = 10
     train_sampling_strategy: str = "random"  # random | sequential | group_by_length
     dataloader_num_workers: int = 0
+    # Reliability (qlora_exp/checkpoint.py, qlora_exp/guards.py).
+    save_steps: int = 100  # an atomic, resumable checkpoint every this many optimizer steps
+    save_total_limit: int = 2  # keep this many newest complete checkpoints
+    nan_guard_patience: int = 1  # stop after this many consecutive steps with non-finite gradients
+    auto_find_batch_size: bool = False  # on CUDA OOM, halve the batch and retry (accelerate)
 
     def __post_init__(self) -> None:
         _require(
@@ -167,6 +172,9 @@ class TrainerConfig:
         )
         _require(self.logging_steps >= 1, "trainer.logging_steps", "must be >= 1", "use e.g. 10")
         _require_choice(self.precision, "trainer.precision", PRECISIONS)
+        for key in ("save_steps", "save_total_limit", "nan_guard_patience"):
+            value = getattr(self, key)
+            _require(value >= 1, f"trainer.{key}", f"must be >= 1, got {value}", "use 1 or more")
         _require_choice(
             self.train_sampling_strategy, "trainer.train_sampling_strategy", ("random", "sequential", "group_by_length")
         )
@@ -200,6 +208,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # A run directory to continue (conf/config.yaml makes it the Hydra run dir); rerunning with
+    # hydra.run.dir=RUN_DIR does the same. A changed config that matters is refused unless forced.
+    resume: str | None = None
+    resume_force: bool = False
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}", "use e.g. seed=42")

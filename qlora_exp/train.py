@@ -18,7 +18,9 @@ from transformers import set_seed
 
 from qlora_exp.data import DataModule
 from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
+from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, oom_advice
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
+from qlora_exp.resume import prepare_resume, register_resolvers
 from qlora_exp.run_dir import RunDirectory
 from qlora_exp.schema import register_configs, to_schema
 from qlora_exp.tracking import Tracker, TrackingCallback
@@ -26,14 +28,9 @@ from qlora_exp.training import build_trainer, build_training_arguments, train_an
 
 log = logging.getLogger("qlora_exp.train")
 register_configs()
+register_resolvers()
 # conf/ sits beside the package in the source tree (installed editable by `make install`).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-OOM_ADVICE = (
-    "out of memory. Fix: lower trainer.per_device_train_batch_size and raise "
-    "trainer.gradient_accumulation_steps by the same factor, shorten data.max_length, "
-    "or keep model.gradient_checkpointing=true"
-)
 
 
 def run_experiment(cfg: DictConfig) -> float:
@@ -43,6 +40,7 @@ def run_experiment(cfg: DictConfig) -> float:
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     with RunDirectory(run_dir) as run:
         log.info("run directory: %s", run_dir)
+        checkpoint = prepare_resume(run_dir, resolved, schema.resume, schema.resume_force)
         run.write_resolved_config(resolved)
         run.write_provenance()
         set_seed(schema.seed)
@@ -56,8 +54,9 @@ def run_experiment(cfg: DictConfig) -> float:
         extra = {"trainable_params": trainable, "lora_scale": schema.lora.scale}
         with Tracker(schema.tracking, run_dir, {**resolved, **extra}) as tracker:
             args = build_training_arguments(schema.trainer, run_dir, schema.seed)
-            trainer = build_trainer(model, tokenizer, data, args, [TrackingCallback(tracker)])
-            metrics = {**train_and_evaluate(trainer), **extra}
+            guards = [NonFiniteGuard(schema.trainer.nan_guard_patience), PreemptionCallback()]
+            trainer = build_trainer(model, tokenizer, data, args, [TrackingCallback(tracker), *guards])
+            metrics = {**train_and_evaluate(trainer, checkpoint), **extra}
             save_adapter(model, tokenizer, run_dir)
             run.write_json("metrics.json", metrics)
             tracker.summarize(metrics)
@@ -77,7 +76,7 @@ def main(cfg: DictConfig) -> float:
         log.error("%s", exc)
         raise SystemExit(exc.exit_code) from exc
     except torch.OutOfMemoryError as exc:
-        log.error("%s", OOM_ADVICE)
+        log.error("%s", oom_advice(cfg))
         raise SystemExit(OutOfMemoryError.exit_code) from exc
     except Exception as exc:  # noqa: BLE001  unexpected: already marked FAILED; keep the traceback
         log.exception("unexpected error")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
+from qlora_exp.checkpoint import AtomicCheckpointTrainer
 from qlora_exp.data import DataModule
 from qlora_exp.schema import TrainerConfig
 
@@ -47,7 +48,13 @@ def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> Tr
         train_sampling_strategy=cfg.train_sampling_strategy,
         dataloader_num_workers=cfg.dataloader_num_workers,
         eval_strategy="no",
-        save_strategy="no",
+        # Resumable checkpoints, written atomically by AtomicCheckpointTrainer (qlora_exp/checkpoint.py).
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        auto_find_batch_size=cfg.auto_find_batch_size,
+        # Log NaN/inf losses as they are (the default hides them); NonFiniteGuard stops the run.
+        logging_nan_inf_filter=False,
         report_to="none",  # tracking goes through qlora_exp.tracking (see why there)
         seed=seed,
         data_seed=seed,
@@ -72,8 +79,8 @@ def build_trainer(
     args: TrainingArguments,
     callbacks: list[TrainerCallback],
 ) -> Trainer:
-    """A Trainer over the DataModule's datasets and dynamic-padding collator."""
-    return Trainer(
+    """A Trainer (atomic checkpoints) over the DataModule's datasets and dynamic-padding collator."""
+    return AtomicCheckpointTrainer(
         model=model,
         args=args,
         train_dataset=data.train_dataset,
@@ -84,13 +91,13 @@ def build_trainer(
     )
 
 
-def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
-    """Evaluate, train, evaluate again, all on the same in-memory model; returns run metrics."""
+def train_and_evaluate(trainer: Trainer, resume_from: Path | None = None) -> dict[str, Any]:
+    """Evaluate, train (from `resume_from` if given), evaluate again on the same in-memory model."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     before = trainer.evaluate()["eval_loss"]
     log.info("eval_loss before training: %.4f", before)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     after = trainer.evaluate()["eval_loss"]
     runtime = float(result.metrics["train_runtime"])
     tokens = int(trainer.state.num_input_tokens_seen)
