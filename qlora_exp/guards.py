@@ -45,6 +45,8 @@ class PreemptionCallback(TrainerCallback):
 
     def install(self) -> None:
         """Route the preemption signals to this callback (main thread only, as Python requires)."""
+        if self._previous:  # on_train_begin again: auto_find_batch_size restarts the loop
+            return
         for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -62,7 +64,14 @@ class PreemptionCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
-        if self.signal_name is not None:
+        stop = self.signal_name is not None
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            # Ranks may get the signal at different steps; all stop at the same one or the save hangs.
+            flag = torch.tensor([int(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+            self.signal_name = self.signal_name or ("SIGTERM/SIGUSR1 on another rank" if stop else None)
+        if stop:
             control.should_save = True
             control.should_training_stop = True
         return control

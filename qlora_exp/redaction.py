@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from qlora_exp.run_dir import REDACTED, SECRET_KEY, redact_arg, redact_secrets
@@ -82,18 +83,22 @@ def _redact_hydra_tree(tree: Any) -> Any:
     return tree
 
 
+def redact_yaml_file(path: Path, secrets: set[str]) -> None:
+    """Rewrite one of Hydra's YAML files (config, hydra, overrides, multirun) without secrets."""
+    if not path.is_file():
+        return
+    tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    tree = [redact_arg(str(a)) for a in tree] if isinstance(tree, list) else _redact_hydra_tree(tree)
+    text = scrub(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), secrets)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def redact_hydra_files(output_dir: Path, secrets: set[str]) -> None:
     """Rewrite Hydra's config.yaml, hydra.yaml and overrides.yaml in `output_dir` without secrets."""
     for name in HYDRA_FILES:
-        path = output_dir / name
-        if not path.is_file():
-            continue
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-        tree = [redact_arg(str(a)) for a in tree] if isinstance(tree, list) else _redact_hydra_tree(tree)
-        text = scrub(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), secrets)
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        redact_yaml_file(output_dir / name, secrets)
 
 
 class SecretLogFilter(logging.Filter):
@@ -123,6 +128,8 @@ class RedactSecrets(Callback):
         log_filter = SecretLogFilter(secrets)
         for handler in logging.getLogger().handlers:
             handler.addFilter(log_filter)
+        if config.hydra.mode == RunMode.MULTIRUN:  # the sweeper saved it before the first job
+            redact_yaml_file(Path(config.hydra.sweep.dir) / "multirun.yaml", secrets)
         if config.hydra.output_subdir is not None:
             redact_hydra_files(
                 Path(config.hydra.runtime.output_dir) / str(config.hydra.output_subdir), secrets

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from qlora_exp.data import DataModule
-from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
+from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError, end_job
 from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, oom_advice
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
 from qlora_exp.resume import prepare_resume, register_resolvers
@@ -74,13 +74,13 @@ def main(cfg: DictConfig) -> float:
         return run_experiment(cfg)
     except QloraError as exc:
         log.error("%s", exc)
-        raise SystemExit(exc.exit_code) from exc
+        end_job(exc, exc.exit_code)
     except torch.OutOfMemoryError as exc:
         log.error("%s", oom_advice(cfg))
-        raise SystemExit(OutOfMemoryError.exit_code) from exc
+        end_job(exc, OutOfMemoryError.exit_code)
     except Exception as exc:  # noqa: BLE001  unexpected: already marked FAILED; keep the traceback
         log.exception("unexpected error")
-        raise SystemExit(ExitCode.OTHER) from exc
+        end_job(exc, ExitCode.OTHER)
     finally:
         gc.collect()
         if torch.cuda.is_available():
