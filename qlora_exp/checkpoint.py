@@ -21,13 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer
+from transformers import Trainer, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,26 @@ def rotate_checkpoints(checkpoints_dir: Path, keep: int) -> None:
     for path in complete[keep:]:
         log.info("deleting old checkpoint %s (trainer.save_total_limit=%d)", path, keep)
         shutil.rmtree(path)
+
+
+def tokens_before(checkpoint: Path | None) -> int:
+    """Input tokens already seen when training resumes from `checkpoint` (0 for a fresh start)."""
+    if checkpoint is None:
+        return 0
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return int(state.get("num_input_tokens_seen", 0))
+
+
+def logged_train_loss(state: TrainerState) -> float:
+    """Mean training loss over every logged step of the run, including steps before a resume."""
+    total, previous = 0.0, 0
+    for entry in state.log_history:
+        if "loss" in entry and entry["step"] > previous:
+            total += entry["loss"] * (
+                entry["step"] - previous
+            )  # each entry averages the steps since the last
+            previous = entry["step"]
+    return total / previous if previous else math.nan
 
 
 class AtomicCheckpointMixin:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
-from qlora_exp.checkpoint import AtomicCheckpointTrainer
+from qlora_exp.checkpoint import AtomicCheckpointTrainer, logged_train_loss, tokens_before
 from qlora_exp.data import DataModule
 from qlora_exp.schema import TrainerConfig
 
@@ -106,10 +106,11 @@ def train_and_evaluate(trainer: Trainer, resume_from: Path | None = None) -> dic
         "eval_loss": float(after),
         "perplexity_before": math.exp(min(before, 50.0)),
         "perplexity": math.exp(min(after, 50.0)),
-        "train_loss": float(result.training_loss),
+        # A resumed Trainer reports the loss of this session's steps only; use the whole run's log.
+        "train_loss": logged_train_loss(trainer.state) if resume_from else float(result.training_loss),
         "train_steps": int(trainer.state.global_step),
         "train_tokens": tokens,
-        "train_tokens_per_second": tokens / runtime if runtime > 0 else 0.0,
+        "train_tokens_per_second": (tokens - tokens_before(resume_from)) / runtime if runtime > 0 else 0.0,
         "train_runtime_s": runtime,
         **peak_memory(),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -22,8 +23,10 @@ from qlora_exp.checkpoint import (
     MANIFEST,
     CheckpointInvalid,
     find_resumable_checkpoint,
+    logged_train_loss,
     publish_checkpoint,
     rotate_checkpoints,
+    tokens_before,
     verify_checkpoint,
     write_manifest,
 )
@@ -112,6 +115,20 @@ def test_rotation_keeps_newest_complete_and_never_counts_torn(tmp_path: Path) ->
     make_checkpoint(tmp_path, 8)  # torn: not counted, not deleted here
     rotate_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+
+
+def test_logged_train_loss_weights_each_entry_by_its_steps() -> None:
+    state = TrainerState(
+        log_history=[{"step": 1, "loss": 4.0}, {"step": 3, "loss": 1.0}, {"step": 3, "eval_loss": 9}]
+    )
+    assert logged_train_loss(state) == pytest.approx((4.0 + 2 * 1.0) / 3)
+    assert math.isnan(logged_train_loss(TrainerState()))
+
+
+def test_tokens_before_reads_the_checkpoint_state(tmp_path: Path) -> None:
+    (tmp_path / "trainer_state.json").write_text('{"num_input_tokens_seen": 123}')
+    assert tokens_before(tmp_path) == 123
+    assert tokens_before(None) == 0
 
 
 def test_changed_settings_lists_what_matters_only() -> None:

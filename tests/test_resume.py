@@ -67,6 +67,9 @@ def assert_same_result(run_dir: Path, reference: Path) -> None:
     want = step_history(reference)
     assert [s for s, _, _ in got] == [1, 2, 3, 4, 5, 6]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-6)
+    got_metrics, want_metrics = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
+    for key in ("eval_loss", "train_loss", "train_tokens"):
+        assert got_metrics[key] == pytest.approx(want_metrics[key], abs=1e-6), key
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     expected = load_file(reference / "adapter" / "adapter_model.safetensors")
     assert adapter.keys() == expected.keys()
