@@ -168,9 +168,8 @@ def logged_train_loss(state: TrainerState) -> float:
     total, previous = 0.0, 0
     for entry in state.log_history:
         if "loss" in entry and entry["step"] > previous:
-            total += entry["loss"] * (
-                entry["step"] - previous
-            )  # each entry averages the steps since the last
+            # Each entry averages the steps since the previous one.
+            total += entry["loss"] * (entry["step"] - previous)
             previous = entry["step"]
     return total / previous if previous else math.nan
 
@@ -196,8 +195,9 @@ class AtomicCheckpointMixin:
         name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
         # One staging name per step (not per process): every rank writes its RNG file into it.
         staging_root = final_root / f"{STAGING_PREFIX}{name}"
-        if trainer.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)  # left by a crash mid-save
+        if trainer.args.should_save:  # staging left by a crash mid-save; we hold the run directory
+            for leftover in final_root.glob(f"{STAGING_PREFIX}*"):
+                shutil.rmtree(leftover)
         trainer.accelerator.wait_for_everyone()
         self._staging_root = staging_root
         try:

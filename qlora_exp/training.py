@@ -97,6 +97,7 @@ def train_and_evaluate(trainer: Trainer, resume_from: Path | None = None) -> dic
         torch.cuda.reset_peak_memory_stats()
     before = trainer.evaluate()["eval_loss"]
     log.info("eval_loss before training: %.4f", before)
+    tokens_at_start = tokens_before(resume_from)  # read now: rotation may delete that checkpoint
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     after = trainer.evaluate()["eval_loss"]
     runtime = float(result.metrics["train_runtime"])
@@ -110,7 +111,7 @@ def train_and_evaluate(trainer: Trainer, resume_from: Path | None = None) -> dic
         "train_loss": logged_train_loss(trainer.state) if resume_from else float(result.training_loss),
         "train_steps": int(trainer.state.global_step),
         "train_tokens": tokens,
-        "train_tokens_per_second": (tokens - tokens_before(resume_from)) / runtime if runtime > 0 else 0.0,
+        "train_tokens_per_second": (tokens - tokens_at_start) / runtime if runtime > 0 else 0.0,
         "train_runtime_s": runtime,
         **peak_memory(),
     }

@@ -21,6 +21,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from qlora_exp import train
 from qlora_exp.checkpoint import (
     MANIFEST,
+    AtomicCheckpointTrainer,
     CheckpointInvalid,
     find_resumable_checkpoint,
     logged_train_loss,
@@ -129,6 +130,40 @@ def test_tokens_before_reads_the_checkpoint_state(tmp_path: Path) -> None:
     (tmp_path / "trainer_state.json").write_text('{"num_input_tokens_seen": 123}')
     assert tokens_before(tmp_path) == 123
     assert tokens_before(None) == 0
+
+
+class TinyRegressor(torch.nn.Module):
+    """The smallest model a Trainer can train and checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), labels)}
+
+
+def test_trainer_checkpoints_are_published_atomically_and_rotated(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / ".staging-checkpoint-9" / "checkpoint-9").mkdir(parents=True)  # a crash mid-save
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=2,
+        per_device_train_batch_size=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    generator = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(2, generator=generator), "labels": torch.tensor(1.0)} for _ in range(8)]
+    AtomicCheckpointTrainer(model=TinyRegressor(), args=args, train_dataset=data).train()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    for path in checkpoints.iterdir():
+        verify_checkpoint(path)
+    assert find_resumable_checkpoint(checkpoints) == checkpoints / "checkpoint-3"
 
 
 def test_changed_settings_lists_what_matters_only() -> None:
