@@ -170,7 +170,7 @@ def logged_train_loss(state: TrainerState) -> float:
         if "loss" in entry and entry["step"] > previous:
             # Each entry averages the steps since the previous one.
             total += entry["loss"] * (entry["step"] - previous)
-            previous = entry["step"]
+            previous = int(entry["step"])
     return total / previous if previous else math.nan
 
 
