@@ -87,9 +87,12 @@ def redact_yaml_file(path: Path, secrets: set[str]) -> None:
     """Rewrite one of Hydra's YAML files (config, hydra, overrides, multirun) without secrets."""
     if not path.is_file():
         return
-    tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    tree = [redact_arg(str(a)) for a in tree] if isinstance(tree, list) else _redact_hydra_tree(tree)
-    text = scrub(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), secrets)
+    original = path.read_text(encoding="utf-8")
+    tree = yaml.safe_load(original)
+    redacted = [redact_arg(str(a)) for a in tree] if isinstance(tree, list) else _redact_hydra_tree(tree)
+    if redacted == tree and scrub(original, secrets) == original:
+        return  # nothing secret: keep Hydra's file byte for byte
+    text = scrub(yaml.safe_dump(redacted, sort_keys=False, allow_unicode=True), secrets)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

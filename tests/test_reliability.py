@@ -335,6 +335,13 @@ def test_hydra_files_are_rewritten_without_secrets(tmp_path: Path) -> None:
     assert job["override_dirname"] == f"+hub_token={REDACTED},seed=1"
 
 
+def test_hydra_files_without_secrets_are_left_as_hydra_wrote_them(tmp_path: Path) -> None:
+    text = "seed: 1\nmodel:\n  name_or_path: x   # spacing kept\n"
+    (tmp_path / "config.yaml").write_text(text)
+    redact_hydra_files(tmp_path, {"some_env_secret_value"})
+    assert (tmp_path / "config.yaml").read_text() == text
+
+
 def test_log_filter_scrubs_secret_values(caplog) -> None:
     logger = logging.getLogger("qlora_exp.test_secret")
     record = logger.makeRecord(logger.name, logging.INFO, __file__, 1, "token is %s", ("hf_abcdefgh",), None)
