@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -36,6 +35,7 @@ from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, oom_advice
 from qlora_exp.redaction import SecretLogFilter, redact_hydra_files, scrub
 from qlora_exp.resume import changed_settings, prepare_resume
 from qlora_exp.run_dir import COMPLETED, REDACTED, RunDirectory
+from tests.conftest import compose_config
 
 
 def make_checkpoint(root: Path, step: int, payload: bytes = b"weights") -> Path:

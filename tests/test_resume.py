@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
 from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
