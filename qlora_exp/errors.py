@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import NoReturn
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 
 class ExitCode(IntEnum):
@@ -52,3 +56,18 @@ class RunDirectoryError(QloraError):
     """The run directory is in use by another process or cannot be written."""
 
     exit_code = ExitCode.RUN_DIR
+
+
+class PreemptedError(QloraError):
+    """A preemption signal arrived; a checkpoint was saved and the same command resumes the run."""
+
+    exit_code = ExitCode.PREEMPTED
+
+
+def end_job(exc: BaseException, code: int) -> NoReturn:
+    """End the job for `exc`: a single run exits with `code`; in a multirun the exception goes back
+    to Hydra, whose sweeper records the job as failed and still runs the others (the job's directory
+    says FAILED and why). SystemExit there would stop the whole sweep at its first bad run."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise exc
+    raise SystemExit(code) from exc

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 COMPLETED = "COMPLETED"
 FAILED = "FAILED"
 LOCK = ".run.lock"
+RESOLVED_CONFIG = "resolved_config.yaml"
 REDACTED = "<redacted>"
 SECRET_KEY = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
 TRACKED_PACKAGES = (
@@ -106,6 +107,13 @@ class RunDirectory:
         if not self.writer:
             return self
         self._claim()
+        if (self.path / COMPLETED).is_file():
+            # Rerunning into a finished run would overwrite its results: they stay as they are.
+            self._lock.unlink(missing_ok=True)
+            raise RunDirectoryError(
+                f"run directory {self.path} holds a COMPLETED run; nothing to resume. "
+                "Fix: choose a new hydra.run.dir (or leave it unset)"
+            )
         for marker in (COMPLETED, FAILED):
             (self.path / marker).unlink(missing_ok=True)
         return self
@@ -149,7 +157,7 @@ class RunDirectory:
         if not self.writer:
             return
         text = yaml.safe_dump(redact_secrets(config), sort_keys=False, allow_unicode=True)
-        (self.path / "resolved_config.yaml").write_text(text, encoding="utf-8")
+        (self.path / RESOLVED_CONFIG).write_text(text, encoding="utf-8")
 
     def write_provenance(self, **extra: Any) -> None:
         """provenance.json: code version, packages, device, command; merged with earlier fields."""
@@ -164,7 +172,7 @@ class RunDirectory:
                 "python": sys.version.split()[0],
                 "platform": platform.platform(),
                 "device": _device(),
-                "argv": [_redact_arg(a) for a in sys.argv],
+                "argv": [redact_arg(a) for a in sys.argv],
             }
         current.update(extra)
         write_json_atomic(path, current)
@@ -184,7 +192,8 @@ class RunDirectory:
         log.error("run FAILED: %s (marked in %s)", reason, self.path)
 
 
-def _redact_arg(arg: str) -> str:
+def redact_arg(arg: str) -> str:
+    """A `key=value` command-line override with the value redacted when the key looks secret."""
     key, sep, _ = arg.partition("=")
     return f"{key}={REDACTED}" if sep and SECRET_KEY.search(key) else arg
 

@@ -227,6 +227,11 @@ class TrainerConfig:
     eval_steps: int = 0  # evaluate every N optimizer steps; 0: only before and after training
     early_stopping_patience: int | None = None  # stop after N evaluations without a lower eval_loss
     load_best_model_at_end: bool = False  # end with the adapter of the evaluation with the lowest eval_loss
+    # Reliability (qlora_exp/checkpoint.py, qlora_exp/guards.py).
+    save_steps: int = 100  # an atomic, resumable checkpoint every this many optimizer steps
+    save_total_limit: int = 2  # keep this many newest complete checkpoints
+    nan_guard_patience: int = 1  # stop after this many consecutive steps with non-finite gradients
+    auto_find_batch_size: bool = False  # on CUDA OOM, halve the batch and retry (accelerate)
 
     def __post_init__(self) -> None:
         _require(
@@ -256,6 +261,9 @@ class TrainerConfig:
         )
         _require(self.logging_steps >= 1, "trainer.logging_steps", "must be >= 1", "use e.g. 10")
         _require_choice(self.precision, "trainer.precision", PRECISIONS)
+        for key in ("save_steps", "save_total_limit", "nan_guard_patience"):
+            value = getattr(self, key)
+            _require(value >= 1, f"trainer.{key}", f"must be >= 1, got {value}", "use 1 or more")
         _require_choice(
             self.train_sampling_strategy,
             "trainer.train_sampling_strategy",
@@ -278,6 +286,12 @@ class TrainerConfig:
                 "needs evaluations during training, but trainer.eval_steps=0",
                 "set trainer.eval_steps to a step count, e.g. trainer.eval_steps=50",
             )
+        _require(
+            not self.load_best_model_at_end or (self.save_steps % self.eval_steps == 0),
+            "trainer.save_steps",
+            f"must be a multiple of trainer.eval_steps ({self.eval_steps}) with load_best_model_at_end",
+            "set trainer.save_steps to a multiple of trainer.eval_steps",
+        )
 
 
 @dataclass
@@ -336,6 +350,10 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # A run directory to continue (conf/config.yaml makes it the Hydra run dir); rerunning with
+    # hydra.run.dir=RUN_DIR does the same. A changed config that matters is refused unless forced.
+    resume: str | None = None
+    resume_force: bool = False
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}", "use e.g. seed=42")

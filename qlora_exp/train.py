@@ -18,10 +18,12 @@ from transformers import set_seed
 
 from qlora_exp.data import DataModule
 from qlora_exp.distributed import quiet_non_main_ranks, run_stamp
-from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
+from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError, end_job
 from qlora_exp.generation import HeldOutSamples
+from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, oom_advice
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
 from qlora_exp.preview import preview_data
+from qlora_exp.resume import prepare_resume, register_resolvers
 from qlora_exp.run_dir import RunDirectory
 from qlora_exp.schema import register_configs, to_schema
 from qlora_exp.tracking import Tracker, TrackingCallback
@@ -35,14 +37,9 @@ from qlora_exp.training import (
 log = logging.getLogger("qlora_exp.train")
 register_configs()
 OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+register_resolvers()
 # conf/ sits beside the package in the source tree (installed editable by `make install`).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-OOM_ADVICE = (
-    "out of memory. Fix: lower trainer.per_device_train_batch_size and raise "
-    "trainer.gradient_accumulation_steps by the same factor, shorten data.max_length, "
-    "or keep model.gradient_checkpointing=true"
-)
 
 
 def run_experiment(cfg: DictConfig) -> float:
@@ -55,6 +52,7 @@ def run_experiment(cfg: DictConfig) -> float:
     quiet_non_main_ranks()
     with RunDirectory(run_dir) as run:
         log.info("run directory: %s", run_dir)
+        checkpoint = prepare_resume(run_dir, resolved, schema.resume, schema.resume_force)
         run.write_resolved_config(resolved)
         run.write_provenance()
         set_seed(schema.seed)
@@ -69,9 +67,10 @@ def run_experiment(cfg: DictConfig) -> float:
         with Tracker(schema.tracking, run_dir, {**resolved, **extra}) as tracker:
             args = build_training_arguments(schema.trainer, run_dir, schema.seed)
             samples = HeldOutSamples(schema.eval, data, run_dir, tracker)
-            callbacks = [TrackingCallback(tracker), samples, *build_evaluation_callbacks(schema.trainer)]
+            guards = [NonFiniteGuard(schema.trainer.nan_guard_patience), PreemptionCallback()]
+            callbacks = [TrackingCallback(tracker), samples, *guards, *build_evaluation_callbacks(schema.trainer)]
             trainer = build_trainer(model, tokenizer, data, args, callbacks)
-            metrics = {**train_and_evaluate(trainer), **samples.metrics, **extra}
+            metrics = {**train_and_evaluate(trainer, checkpoint), **samples.metrics, **extra}
             if run.writer:
                 save_adapter(model, tokenizer, run_dir)
             run.write_json("metrics.json", metrics)
@@ -90,13 +89,13 @@ def main(cfg: DictConfig) -> float:
         return run_experiment(cfg)
     except QloraError as exc:
         log.error("%s", exc)
-        raise SystemExit(exc.exit_code) from exc
+        end_job(exc, exc.exit_code)
     except torch.OutOfMemoryError as exc:
-        log.error("%s", OOM_ADVICE)
-        raise SystemExit(OutOfMemoryError.exit_code) from exc
-    except Exception as exc:
+        log.error("%s", oom_advice(cfg))
+        end_job(exc, OutOfMemoryError.exit_code)
+    except Exception as exc:  # noqa: BLE001  unexpected: already marked FAILED; keep the traceback
         log.exception("unexpected error")
-        raise SystemExit(ExitCode.OTHER) from exc
+        end_job(exc, ExitCode.OTHER)
     finally:
         gc.collect()
         if torch.cuda.is_available():

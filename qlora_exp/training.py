@@ -19,6 +19,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from qlora_exp.checkpoint import AtomicCheckpointTrainer, logged_train_loss, tokens_before
 from qlora_exp.data import DataModule
 from qlora_exp.distributed import parameters_agree_across_ranks
 from qlora_exp.errors import QloraError
@@ -62,11 +63,17 @@ def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> Tr
         # evaluate() before train() registers the bare model with accelerate, and train() then skips
         # the DDP wrapper: ranks silently train apart (transformers 5.24; test_distributed guards it).
         eval_on_start=True,
-        # "best" keeps a checkpoint only when eval_loss improves: what load_best_model_at_end reloads.
-        save_strategy="best" if cfg.load_best_model_at_end else "no",
+        # Resumable checkpoints, written atomically by AtomicCheckpointTrainer (qlora_exp/checkpoint.py);
+        # with load_best_model_at_end the schema makes save_steps a multiple of eval_steps.
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
         load_best_model_at_end=cfg.load_best_model_at_end,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
+        auto_find_batch_size=cfg.auto_find_batch_size,
+        # Log NaN/inf losses as they are (the default hides them); NonFiniteGuard stops the run.
+        logging_nan_inf_filter=False,
         # Without an accelerator, say so: accelerate then runs multi-process CPU DDP over gloo.
         use_cpu=not torch.cuda.is_available(),
         report_to="none",  # tracking goes through qlora_exp.tracking (see why there)
@@ -117,8 +124,8 @@ def build_trainer(
     args: TrainingArguments,
     callbacks: list[TrainerCallback],
 ) -> Trainer:
-    """A Trainer over the DataModule's datasets and dynamic-padding collator."""
-    return Trainer(
+    """A Trainer (atomic checkpoints) over the DataModule's datasets and dynamic-padding collator."""
+    return AtomicCheckpointTrainer(
         model=model,
         args=args,
         train_dataset=data.train_dataset,
@@ -129,11 +136,13 @@ def build_trainer(
     )
 
 
-def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
-    """Evaluate, train, evaluate again, all on the same in-memory model; returns run metrics."""
+def train_and_evaluate(trainer: Trainer, resume_from: Path | None = None) -> dict[str, Any]:
+    """Evaluate, train (from `resume_from` if given), evaluate again on the same in-memory model."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = trainer.train()  # evaluates first (eval_on_start)
+    tokens_at_start = tokens_before(resume_from)  # read now: rotation may delete that checkpoint
+    # Evaluates first (eval_on_start); a resumed run keeps its step-0 evaluation in the log history.
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     before = next(entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry)
     log.info("eval_loss before training: %.4f", before)
     after = trainer.evaluate()["eval_loss"]
@@ -144,10 +153,11 @@ def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
         "eval_loss": float(after),
         "perplexity_before": perplexity(before),
         "perplexity": perplexity(after),
-        "train_loss": float(result.training_loss),
+        # A resumed Trainer reports the loss of this session's steps only; use the whole run's log.
+        "train_loss": logged_train_loss(trainer.state) if resume_from else float(result.training_loss),
         "train_steps": int(trainer.state.global_step),
         "train_tokens": tokens,
-        "train_tokens_per_second": tokens / runtime if runtime > 0 else 0.0,
+        "train_tokens_per_second": (tokens - tokens_at_start) / runtime if runtime > 0 else 0.0,
         "train_runtime_s": runtime,
         "world_size": trainer.args.world_size,
         "effective_batch_size": trainer.args.per_device_train_batch_size

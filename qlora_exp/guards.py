@@ -1,0 +1,152 @@
+"""Trainer callbacks that end a run on purpose: preemption signals and non-finite gradients.
+
+Both act at optimizer-step boundaries through the Trainer's own control flow (`should_save`,
+`should_training_stop`) and end the run with a QloraError whose exit code is documented.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from types import FrameType
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from qlora_exp.errors import NumericalError, PreemptedError
+
+log = logging.getLogger(__name__)
+
+# SIGTERM: what schedulers send first (SLURM, Kubernetes); SIGUSR1: SLURM's `--signal` warning.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM/SIGUSR1: finish the current step, save a checkpoint, raise PreemptedError (exit 75).
+
+    The handlers are installed only while training runs (on_train_begin .. on_train_end); outside
+    that window a signal has its default effect, since there is no step boundary to wait for.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Only set a flag: saving inside a signal handler could interrupt a half-written tensor.
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            log.warning(
+                "%s received: saving a checkpoint at the end of this step, then exiting", self.signal_name
+            )
+
+    def install(self) -> None:
+        """Route the preemption signals to this callback (main thread only, as Python requires)."""
+        if self._previous:  # on_train_begin again: auto_find_batch_size restarts the loop
+            return
+        for sig in PREEMPTION_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Give the signals back to their previous handlers."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.install()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        stop = self.signal_name is not None
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            # Ranks may get the signal at different steps; all stop at the same one or the save hangs.
+            flag = torch.tensor([int(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+            self.signal_name = self.signal_name or ("SIGTERM/SIGUSR1 on another rank" if stop else None)
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.signal_name is not None:
+            self.restore()
+            raise PreemptedError(
+                f"preempted by {self.signal_name}: checkpoint saved at step {state.global_step} of "
+                f"{state.max_steps}. Fix: rerun the same command with hydra.run.dir set to this run's "
+                "directory (or resume=RUN_DIR) to continue"
+            )
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.restore()
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops training when gradients are NaN/inf for `patience` consecutive optimizer steps.
+
+    A NaN or inf loss makes the gradients non-finite too, so checking the gradient norm before the
+    optimizer step covers both, and the bad update is never applied when patience is 1. With
+    patience > 1 (fp16 loss scaling skips overflowing steps by itself), no checkpoint is written
+    while the streak lasts, so a resume never starts from poisoned weights.
+    """
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.streak = 0
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model: torch.nn.Module = kwargs["model"]
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if math.isfinite(norm):
+            self.streak = 0
+            return
+        self.streak += 1
+        step = state.global_step + 1
+        log.warning("step %d: gradient norm is %s (%d of %d allowed)", step, norm, self.streak, self.patience)
+        if self.streak >= self.patience:
+            raise NumericalError(
+                f"step {step}: loss or gradient norm is {norm} for {self.streak} consecutive optimizer "
+                f"step(s) (trainer.nan_guard_patience={self.patience}); training stopped, no adapter saved. "
+                f"Fix: lower trainer.learning_rate (now {args.learning_rate:g}), "
+                "keep trainer.max_grad_norm > 0, check the data for empty targets, or prefer bf16 to fp16"
+            )
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        if self.streak:
+            control.should_save = False
+        return control
+
+
+def oom_advice(cfg: DictConfig) -> str:
+    """A CUDA out-of-memory message with fixes computed from the run's own settings."""
+    batch_size = int(cfg.trainer.per_device_train_batch_size)
+    accumulation = int(cfg.trainer.gradient_accumulation_steps)
+    max_length = int(cfg.data.max_length)
+    fixes = []
+    if batch_size > 1:
+        fixes.append(
+            f"trainer.per_device_train_batch_size={batch_size // 2} "
+            f"trainer.gradient_accumulation_steps={accumulation * 2} (same effective batch)"
+        )
+    fixes.append(f"data.max_length={max(16, max_length // 2)} (now {max_length})")
+    if not cfg.model.gradient_checkpointing:
+        fixes.append("model.gradient_checkpointing=true")
+    fixes.append("trainer.auto_find_batch_size=true (halves the batch on OOM; changes the effective batch)")
+    return "CUDA out of memory. Fix, one of: " + "; ".join(fixes)

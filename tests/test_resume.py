@@ -1,0 +1,196 @@
+"""End-to-end reliability: do what the failure does (real signals, SIGKILL, torn files, NaN, canary
+secrets, concurrent starts) to `qlora-train` in a subprocess, then check the run as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+# 19 training rows, batch 2, 6 optimizer steps, a checkpoint every 2: seconds per step on a CPU.
+TINY = (
+    "experiment=smoke",
+    "data.synthetic_size=24",
+    "data.val_fraction=0.2",
+    "data.max_length=96",
+    "trainer.per_device_train_batch_size=2",
+    "trainer.max_steps=6",
+    "trainer.save_steps=2",
+    "trainer.warmup_steps=0",
+)
+ENV_CANARIES = {"HF_TOKEN": "hf_canaryEnvToken4821", "WANDB_API_KEY": "canaryWandbKey7731aa"}
+OVERRIDE_CANARY = "canaryOverrideSecret5512"
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`qlora-train ARGS` in the background, as a scheduler would start it."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "qlora-train"), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"run ended before {path} appeared:\n{process.communicate()[0]}"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.1)
+
+
+def step_history(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, loss, grad_norm) of every training step, from the final checkpoint's trainer state."""
+    final = max((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    history = json.loads((final / "trainer_state.json").read_text())["log_history"]
+    return [(h["step"], h["loss"], h["grad_norm"]) for h in history if "loss" in h]
+
+
+def assert_same_result(run_dir: Path, reference: Path) -> None:
+    """Same adapter tensors and same per-step losses and grad norms as the uninterrupted run."""
+    assert (run_dir / "COMPLETED").is_file()
+    got = step_history(run_dir)
+    want = step_history(reference)
+    assert [s for s, _, _ in got] == [1, 2, 3, 4, 5, 6]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-6)
+    got_metrics, want_metrics = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
+    for key in ("eval_loss", "train_loss", "train_tokens"):
+        assert got_metrics[key] == pytest.approx(want_metrics[key], abs=1e-6), key
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    expected = load_file(reference / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(adapter[name], tensor, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run, W&B offline, with canary secrets in the environment and an override."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = run_cli(
+        "qlora-train",
+        *TINY,
+        "tracking=wandb",
+        f"hydra.run.dir={run_dir}",
+        f"+hub_token={OVERRIDE_CANARY}",
+        env=ENV_CANARIES,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run_dir / "cli_output.txt").write_text(result.stdout + result.stderr)
+    return run_dir
+
+
+def test_secrets_never_written(reference: Path) -> None:
+    files = [p for p in reference.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.suffix == ".wandb" for p in files), "the W&B offline run should be among the files"
+    assert any(p.name == "training_args.bin" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for canary in (*ENV_CANARIES.values(), OVERRIDE_CANARY):
+            assert canary.encode() not in data, f"{canary} leaked into {path}"
+    overrides = (reference / ".hydra" / "overrides.yaml").read_text()
+    assert "+hub_token=<redacted>" in overrides
+
+
+def test_sigterm_checkpoints_exits_75_and_rerun_matches(reference: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    command = (*TINY, "tracking=wandb", f"hydra.run.dir={run_dir}")
+    process = start_cli(*command)
+    wait_for(run_dir / "checkpoints" / "checkpoint-2", process)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 75, output
+    failed = (run_dir / "FAILED").read_text()
+    assert "preempted by SIGTERM" in failed
+    assert not (run_dir / "adapter").exists()
+    run_id = (run_dir / "wandb_run_id.txt").read_text()
+
+    rerun = run_cli("qlora-train", *command)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resuming" in (run_dir / "train.log").read_text()
+    assert_same_result(run_dir, reference)
+    assert (run_dir / "wandb_run_id.txt").read_text() == run_id  # the W&B run continues
+    offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(p.name.endswith(run_id.strip()) for p in offline_runs)
+
+
+def test_sigkill_then_torn_checkpoint_resumes_from_last_complete(reference: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    process = start_cli(*TINY, f"hydra.run.dir={run_dir}")
+    wait_for(run_dir / "checkpoints" / "checkpoint-4", process)
+    process.kill()
+    process.communicate(timeout=60)
+    newest = run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # a torn write
+
+    rerun = run_cli("qlora-train", *TINY, f"resume={run_dir}")  # the other way to name the run
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    log = (run_dir / "train.log").read_text()
+    assert "skipping checkpoint" in log and "checkpoint-4: adapter_model.safetensors has 100 bytes" in log
+    assert f"resuming {run_dir} from {run_dir}/checkpoints/checkpoint-2" in log
+    assert "removing stale lock" in log
+    assert_same_result(run_dir, reference)
+
+
+def test_non_finite_loss_stops_the_run(tmp_path: Path) -> None:
+    # Gemma-2 soft-caps its logits, so lr=1e6 only saturates the tiny model; 1e30 overflows to NaN.
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "qlora-train", *TINY, "trainer.max_steps=3", "trainer.learning_rate=1e30", f"hydra.run.dir={run_dir}"
+    )
+    assert result.returncode == 4, result.stdout + result.stderr
+    failed = (run_dir / "FAILED").read_text()
+    assert "NumericalError: step 2: loss or gradient norm is nan" in failed
+    assert "trainer.nan_guard_patience=1" in failed
+    assert not (run_dir / "adapter").exists() and not (run_dir / "COMPLETED").exists()
+    assert not list((run_dir / "checkpoints").glob("checkpoint-*"))  # step 2 would have saved one
+
+
+def test_two_runs_started_together_get_their_own_directories(tmp_path: Path) -> None:
+    # The default run directory's pattern, under tmp_path. Both runs fail fast on a missing data
+    # file, after claiming and writing their run directories.
+    args = (
+        *TINY,
+        "data.source=local",
+        f"data.path={tmp_path / 'missing.jsonl'}",
+        f"hydra.run.dir={tmp_path}/runs/${{now:%H-%M-%S.%f}}",
+    )
+    both = [start_cli(*args) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in both]
+    assert [p.returncode for p in both] == [3, 3], outputs
+    run_dirs = sorted((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 2
+    for run_dir in run_dirs:
+        assert "DataError" in (run_dir / "FAILED").read_text()
+        assert (run_dir / "resolved_config.yaml").is_file()
+
+
+def test_one_bad_job_does_not_stop_a_sweep(tmp_path: Path) -> None:
+    # Every job fails (missing data file); each must still run and say FAILED in its own directory.
+    result = run_cli(
+        "qlora-train",
+        "-m",
+        *TINY,
+        "data.source=local",
+        f"data.path={tmp_path / 'missing.jsonl'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "seed=1,2",
+    )
+    assert result.returncode != 0
+    for job in ("0", "1"):
+        assert "DataError" in (tmp_path / "sweep" / job / "FAILED").read_text(), result.stderr
