@@ -68,7 +68,12 @@ def run_experiment(cfg: DictConfig) -> float:
             args = build_training_arguments(schema.trainer, run_dir, schema.seed)
             samples = HeldOutSamples(schema.eval, data, run_dir, tracker)
             guards = [NonFiniteGuard(schema.trainer.nan_guard_patience), PreemptionCallback()]
-            callbacks = [TrackingCallback(tracker), samples, *guards, *build_evaluation_callbacks(schema.trainer)]
+            callbacks = [
+                TrackingCallback(tracker),
+                samples,
+                *guards,
+                *build_evaluation_callbacks(schema.trainer),
+            ]
             trainer = build_trainer(model, tokenizer, data, args, callbacks)
             metrics = {**train_and_evaluate(trainer, checkpoint), **samples.metrics, **extra}
             if run.writer:
@@ -93,7 +98,7 @@ def main(cfg: DictConfig) -> float:
     except torch.OutOfMemoryError as exc:
         log.error("%s", oom_advice(cfg))
         end_job(exc, OutOfMemoryError.exit_code)
-    except Exception as exc:  # noqa: BLE001  unexpected: already marked FAILED; keep the traceback
+    except Exception as exc:  # unexpected: already marked FAILED above; re-raised as exit code OTHER
         log.exception("unexpected error")
         end_job(exc, ExitCode.OTHER)
     finally:
