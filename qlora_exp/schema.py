@@ -286,12 +286,6 @@ class TrainerConfig:
                 "needs evaluations during training, but trainer.eval_steps=0",
                 "set trainer.eval_steps to a step count, e.g. trainer.eval_steps=50",
             )
-        _require(
-            not self.load_best_model_at_end or (self.save_steps % self.eval_steps == 0),
-            "trainer.save_steps",
-            f"must be a multiple of trainer.eval_steps ({self.eval_steps}) with load_best_model_at_end",
-            "set trainer.save_steps to a multiple of trainer.eval_steps",
-        )
 
 
 @dataclass

@@ -63,10 +63,10 @@ def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> Tr
         # evaluate() before train() registers the bare model with accelerate, and train() then skips
         # the DDP wrapper: ranks silently train apart (transformers 5.24; test_distributed guards it).
         eval_on_start=True,
-        # Resumable checkpoints, written atomically by AtomicCheckpointTrainer (qlora_exp/checkpoint.py);
-        # with load_best_model_at_end the schema makes save_steps a multiple of eval_steps.
+        # Resumable checkpoints, written atomically by AtomicCheckpointTrainer (qlora_exp/checkpoint.py).
+        # load_best_model_at_end can only reload what was saved: then a checkpoint follows every eval.
         save_strategy="steps",
-        save_steps=cfg.save_steps,
+        save_steps=cfg.eval_steps if cfg.load_best_model_at_end else cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         load_best_model_at_end=cfg.load_best_model_at_end,
         metric_for_best_model="eval_loss",
