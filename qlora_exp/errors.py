@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     OUT_OF_MEMORY = 5
     RUN_DIR = 6
     OTHER = 7
+    SWEEP_JOBS_FAILED = 8  # multirun: some jobs FAILED or did not finish; the others ran
     PREEMPTED = 75  # EX_TEMPFAIL: rerun the same command to resume
 
 

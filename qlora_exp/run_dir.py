@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 COMPLETED = "COMPLETED"
 FAILED = "FAILED"
 LOCK = ".run.lock"
+HISTORY_FILE = "log_history.json"  # the Trainer's log history (qlora_exp.tracking keeps it current)
 REDACTED = "<redacted>"
 SECRET_KEY = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
 TRACKED_PACKAGES = (

@@ -21,6 +21,7 @@ from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
 from qlora_exp.run_dir import RunDirectory
 from qlora_exp.schema import register_configs, to_schema
+from qlora_exp.sweep import JobFailure, end_failed_job, finished_objective
 from qlora_exp.tracking import Tracker, TrackingCallback
 from qlora_exp.training import build_trainer, build_training_arguments, train_and_evaluate
 
@@ -41,6 +42,8 @@ def run_experiment(cfg: DictConfig) -> float:
     schema = to_schema(cfg)  # every cross-field rule, before any data or weights load
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    if (objective := finished_objective(run_dir, resolved)) is not None:  # sweep rerun: already done
+        return objective
     with RunDirectory(run_dir) as run:
         log.info("run directory: %s", run_dir)
         run.write_resolved_config(resolved)
@@ -69,19 +72,20 @@ def run_experiment(cfg: DictConfig) -> float:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Console entry point; failures become documented exit codes (README, "Exit codes")."""
+def main(cfg: DictConfig) -> float | JobFailure:
+    """Console entry point; failures become documented exit codes (README, "Exit codes"),
+    or, inside a sweep, a JobFailure so that the other jobs still run."""
     try:
         return run_experiment(cfg)
     except QloraError as exc:
         log.error("%s", exc)
-        raise SystemExit(exc.exit_code) from exc
+        return end_failed_job(exc.exit_code, exc)
     except torch.OutOfMemoryError as exc:
         log.error("%s", OOM_ADVICE)
-        raise SystemExit(OutOfMemoryError.exit_code) from exc
+        return end_failed_job(OutOfMemoryError.exit_code, exc)
     except Exception as exc:  # noqa: BLE001  unexpected: already marked FAILED; keep the traceback
         log.exception("unexpected error")
-        raise SystemExit(ExitCode.OTHER) from exc
+        return end_failed_job(ExitCode.OTHER, exc)
     finally:
         gc.collect()
         if torch.cuda.is_available():
