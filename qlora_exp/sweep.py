@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import configure_log
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from omegaconf import DictConfig, OmegaConf
 
 from qlora_exp.errors import ExitCode
@@ -42,7 +45,19 @@ def job_dirname(override_dirname: str, num: int) -> str:
     return name
 
 
-OmegaConf.register_new_resolver(JOB_DIRNAME_RESOLVER, job_dirname, replace=True)
+def register_sweep_configs() -> None:
+    """The `job_dirname` resolver that conf/config.yaml names job directories with, and
+    submitit's launcher schemas under a second name, so that our presets of the same name
+    (conf/hydra/launcher/submitit_*.yaml) extend them: a YAML file shadows a structured config
+    of the same name in the search path."""
+    OmegaConf.register_new_resolver(JOB_DIRNAME_RESOLVER, job_dirname, replace=True)
+    store = ConfigStore.instance()
+    store.store(
+        group="hydra/launcher", name="submitit_slurm_schema", node=SlurmQueueConf, provider="qlora_exp"
+    )
+    store.store(
+        group="hydra/launcher", name="submitit_local_schema", node=LocalQueueConf, provider="qlora_exp"
+    )
 
 
 def in_multirun() -> bool:
@@ -135,7 +150,11 @@ class SweepSummary(Callback):
     """Hydra callback (registered in conf/config.yaml under hydra.callbacks): prepares the sweep
     directory, and at the end of a sweep logs every job's state and exits non-zero if any failed."""
 
+    def __init__(self) -> None:
+        self.started = 0.0
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
         # The Optuna sweeper opens its SQLite storage inside the sweep dir before any job makes it.
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
 
@@ -143,7 +162,14 @@ class SweepSummary(Callback):
         # Logging still points at the last job's train.log; go back to Hydra's own console setup.
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
         sweep_dir = Path(config.hydra.sweep.dir)
-        states = [job_state(path) for path in find_job_dirs(sweep_dir)]
+        # Hydra rewrites a job's .hydra/ files whenever it launches the job (skipped ones too), so
+        # older files belong to jobs of an earlier invocation (an old grid, Optuna's past trials).
+        launched = [
+            p
+            for p in find_job_dirs(sweep_dir)
+            if (p / ".hydra" / "overrides.yaml").stat().st_mtime >= self.started
+        ]
+        states = [job_state(path) for path in launched]
         bad = [s for s in states if s.status != COMPLETED]
         log.info(
             "sweep %s: %d jobs, %d COMPLETED, %d not",

@@ -21,12 +21,13 @@ from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
 from qlora_exp.run_dir import RunDirectory
 from qlora_exp.schema import register_configs, to_schema
-from qlora_exp.sweep import JobFailure, end_failed_job, finished_objective
+from qlora_exp.sweep import JobFailure, end_failed_job, finished_objective, register_sweep_configs
 from qlora_exp.tracking import Tracker, TrackingCallback
 from qlora_exp.training import build_trainer, build_training_arguments, train_and_evaluate
 
 log = logging.getLogger("qlora_exp.train")
 register_configs()
+register_sweep_configs()
 # conf/ sits beside the package in the source tree (installed editable by `make install`).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
