@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import configure_log
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from omegaconf import DictConfig, OmegaConf
 
 from qlora_exp.errors import ExitCode
@@ -46,18 +44,8 @@ def job_dirname(override_dirname: str, num: int) -> str:
 
 
 def register_sweep_configs() -> None:
-    """The `job_dirname` resolver that conf/config.yaml names job directories with, and
-    submitit's launcher schemas under a second name, so that our presets of the same name
-    (conf/hydra/launcher/submitit_*.yaml) extend them: a YAML file shadows a structured config
-    of the same name in the search path."""
+    """The `job_dirname` resolver that conf/config.yaml names job directories with."""
     OmegaConf.register_new_resolver(JOB_DIRNAME_RESOLVER, job_dirname, replace=True)
-    store = ConfigStore.instance()
-    store.store(
-        group="hydra/launcher", name="submitit_slurm_schema", node=SlurmQueueConf, provider="qlora_exp"
-    )
-    store.store(
-        group="hydra/launcher", name="submitit_local_schema", node=LocalQueueConf, provider="qlora_exp"
-    )
 
 
 def in_multirun() -> bool:
