@@ -57,7 +57,7 @@ class Tracker:
             tags=list(cfg.tags),
             config=redact_secrets(config),
             dir=str(run_dir),
-            mode=cfg.mode,
+            mode=cfg.mode,  # type: ignore[arg-type]  # one of W&B's modes: TrackingConfig checks it
             id=run_id,
             resume="allow",
         )
