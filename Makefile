@@ -27,6 +27,11 @@ train: install  ## run the default experiment offline (tiny embedded model); ARG
 smoke: install  ## a seconds-long run (experiment=smoke)
 	$(BIN)/qlora-train experiment=smoke $(ARGS)
 
+.PHONY: sweep
+sweep: install  ## a minutes-long rank x learning-rate grid of smoke runs, then qlora-compare on it
+	$(BIN)/qlora-train "experiment=[rank_lr_grid,smoke]" hydra.sweep.dir=outputs/sweeps/rank_lr_smoke $(ARGS)
+	$(BIN)/qlora-compare outputs/sweeps/rank_lr_smoke
+
 test: install  ## the whole CPU test suite (what CI runs)
 	$(BIN)/pytest $(PYTEST_ARGS)
 

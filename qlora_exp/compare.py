@@ -197,7 +197,7 @@ def plot_loss_curves(jobs: list[Job], keys: list[str], path: Path) -> None:
 
 
 def _tick(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def plot_heatmap(table: pd.DataFrame, x: str, y: str, metric: str, path: Path, *, note: str = "") -> None:
