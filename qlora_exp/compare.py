@@ -180,7 +180,8 @@ def plot_loss_curves(jobs: list[Job], keys: list[str], path: Path) -> None:
         label, color = _label(job, keys), colors(index)
         train = [(e["step"], e["loss"]) for e in job.history if "loss" in e]
         evals = [(e["step"], e["eval_loss"]) for e in job.history if "eval_loss" in e]
-        if "eval_loss_before" in job.metrics:  # the Trainer resets its history when training starts
+        if "eval_loss_before" in job.metrics and not any(step == 0 for step, _ in evals):
+            # runs that evaluated before train() (not eval_on_start) lost that entry from the history
             evals.insert(0, (0, job.metrics["eval_loss_before"]))
         if train:
             train_ax.plot(*zip(*train, strict=True), color=color, label=label)

@@ -40,8 +40,8 @@ class Tracker:
     """A W&B run (or nothing, for tracking=none) with log/summary/finish."""
 
     def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict[str, Any]) -> None:
-        self.run: Any = None
         self.run_dir = run_dir
+        self.run: Any = None
         if cfg.backend == "none" or cfg.mode == "disabled":
             log.info("tracking off (tracking.backend=%s, tracking.mode=%s)", cfg.backend, cfg.mode)
             return
@@ -57,7 +57,7 @@ class Tracker:
             tags=list(cfg.tags),
             config=redact_secrets(config),
             dir=str(run_dir),
-            mode=cfg.mode,  # type: ignore[arg-type]  # one of W&B's modes: TrackingConfig checks it
+            mode=cfg.mode,  # type: ignore[arg-type]  # validated by the schema
             id=run_id,
             resume="allow",
         )

@@ -26,8 +26,8 @@ from qlora_exp.tracking import Tracker, TrackingCallback
 from qlora_exp.training import build_trainer, build_training_arguments, train_and_evaluate
 
 log = logging.getLogger("qlora_exp.train")
-register_configs()
 register_sweep_configs()
+register_configs()
 # conf/ sits beside the package in the source tree (installed editable by `make install`).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -84,7 +84,7 @@ def main(cfg: DictConfig) -> float | JobFailure:
     except torch.OutOfMemoryError as exc:
         log.error("%s", OOM_ADVICE)
         return end_failed_job(OutOfMemoryError.exit_code, exc)
-    except Exception as exc:  # noqa: BLE001  unexpected: already marked FAILED; keep the traceback
+    except Exception as exc:
         log.exception("unexpected error")
         return end_failed_job(ExitCode.OTHER, exc)
     finally:
