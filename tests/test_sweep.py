@@ -11,9 +11,9 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import run_cli
 
 from qlora_exp.errors import ExitCode
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from qlora_exp.train import CONF_DIR
+from tests.conftest import run_cli
 
 RAY = importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None
 TWO_JOBS = ("experiment=smoke", "trainer.max_steps=1", "data.synthetic_size=24", "lora.r=4,8")
