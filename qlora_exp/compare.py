@@ -142,11 +142,10 @@ def fairness_warnings(jobs: list[Job]) -> list[str]:
     warnings = []
 
     def effective_batch(job: Job) -> int:
-        trainer = job.config["trainer"]
-        # one process per run here; a multi-GPU run multiplies by its world size
-        world = int(job.metrics.get("world_size", 1))
-        per_step = int(trainer["per_device_train_batch_size"]) * int(trainer["gradient_accumulation_steps"])
-        return per_step * world
+        if "effective_batch_size" in job.metrics:  # as the run measured it, every data-parallel rank counted
+            return int(job.metrics["effective_batch_size"])
+        trainer = job.config["trainer"]  # a run that recorded none ran as one process
+        return int(trainer["per_device_train_batch_size"]) * int(trainer["gradient_accumulation_steps"])
 
     batches = {job.path.name: effective_batch(job) for job in done}
     if len(set(batches.values())) > 1:

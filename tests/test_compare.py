@@ -161,6 +161,15 @@ def test_warns_when_effective_batch_or_token_budget_differ(tmp_path: Path) -> No
     assert any("tokens differ" in w for w in warnings)
 
 
+def test_effective_batch_recorded_by_a_data_parallel_run_counts(tmp_path: Path) -> None:
+    make_job(tmp_path, {"lora.r": 8}, 6.0, batch=4)
+    ddp = make_job(tmp_path, {"lora.r": 16}, 6.0, batch=4)  # same per-device batch, on 2 ranks
+    metrics = json.loads((ddp / "metrics.json").read_text())
+    (ddp / "metrics.json").write_text(json.dumps({**metrics, "world_size": 2, "effective_batch_size": 8}))
+    warnings = fairness_warnings(jobs_of(tmp_path))
+    assert any("effective batch sizes differ" in w and ": 8" in w for w in warnings)
+
+
 def test_small_token_differences_between_seeds_are_tolerated(tmp_path: Path) -> None:
     make_job(tmp_path, {"seed": 1}, 6.0, tokens=500)
     make_job(tmp_path, {"seed": 2}, 6.0, tokens=520)
