@@ -36,6 +36,10 @@ train-fsdp: install  ## one run sharded with FSDP over NPROC GPUs (FSDP-QLoRA)
 	$(BIN)/accelerate launch --config_file launch/fsdp_qlora.yaml --num_processes $(NPROC) \
 		-m qlora_exp.train experiment=fsdp_qlora $(ARGS)
 
+sweep: install  ## a minutes-long rank x learning-rate grid of smoke runs, then qlora-compare on it
+	$(BIN)/qlora-train "experiment=[rank_lr_grid,smoke]" hydra.sweep.dir=outputs/sweeps/rank_lr_smoke $(ARGS)
+	$(BIN)/qlora-compare outputs/sweeps/rank_lr_smoke
+
 test: install  ## the whole CPU test suite (what CI runs)
 	$(BIN)/pytest $(PYTEST_ARGS)
 

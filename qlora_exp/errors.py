@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import NoReturn
-
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 
 
 class ExitCode(IntEnum):
@@ -19,6 +15,7 @@ class ExitCode(IntEnum):
     OUT_OF_MEMORY = 5
     RUN_DIR = 6
     OTHER = 7
+    SWEEP_JOBS_FAILED = 8  # multirun: some jobs FAILED or did not finish; the others ran
     PREEMPTED = 75  # EX_TEMPFAIL: rerun the same command to resume
 
 
@@ -62,12 +59,3 @@ class PreemptedError(QloraError):
     """A preemption signal arrived; a checkpoint was saved and the same command resumes the run."""
 
     exit_code = ExitCode.PREEMPTED
-
-
-def end_job(exc: BaseException, code: int) -> NoReturn:
-    """End the job for `exc`: a single run exits with `code`; in a multirun the exception goes back
-    to Hydra, whose sweeper records the job as failed and still runs the others (the job's directory
-    says FAILED and why). SystemExit there would stop the whole sweep at its first bad run."""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise exc
-    raise SystemExit(code) from exc

@@ -25,6 +25,7 @@ COMPLETED = "COMPLETED"
 FAILED = "FAILED"
 LOCK = ".run.lock"
 RESOLVED_CONFIG = "resolved_config.yaml"
+HISTORY_FILE = "log_history.json"  # the Trainer's log history (qlora_exp.tracking keeps it current)
 REDACTED = "<redacted>"
 SECRET_KEY = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
 TRACKED_PACKAGES = (

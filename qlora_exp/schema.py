@@ -296,14 +296,22 @@ class TrackingConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "qlora-exp"
     entity: str | None = None
-    group: str | None = None
-    name: str | None = None
+    group: str | None = None  # null: in a sweep, the sweep directory's name
+    name: str | None = None  # null: in a sweep, the job's overrides; else the run directory's name
     job_type: str = "train"
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require_choice(self.backend, "tracking.backend", ("wandb", "none"))
         _require_choice(self.mode, "tracking.mode", ("offline", "online", "disabled"))
+        _require(bool(self.project), "tracking.project", "is empty", "name a W&B project, e.g. qlora-exp")
+        _require(bool(self.job_type), "tracking.job_type", "is empty", "use e.g. train")
+        for key in ("group", "name"):
+            value = getattr(self, key)
+            _require(value is None or bool(value), f"tracking.{key}", "is empty", "leave it null (default)")
+        # W&B rejects tags longer than 64 characters when the run syncs, long after training.
+        long_tags = [tag for tag in self.tags if not 0 < len(tag) <= 64]
+        _require(not long_tags, "tracking.tags", f"tags must be 1-64 characters: {long_tags}", "shorten them")
 
 
 @dataclass

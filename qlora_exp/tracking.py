@@ -1,4 +1,5 @@
-"""Experiment tracking (Weights & Biases): one run per job, files inside the run directory.
+"""Experiment tracking: a Weights & Biases run per job (files inside the run directory; in a
+sweep, grouped by the sweep), and the Trainer's log history in the run directory.
 
 We log through our own small callback instead of transformers' WandbCallback: that one merges
 every TrainingArguments field into the W&B config, so the run's config would no longer be the
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import wandb
+from hydra.core.hydra_config import HydraConfig
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from qlora_exp.distributed import is_main_process
-from qlora_exp.run_dir import redact_secrets
+from qlora_exp.run_dir import HISTORY_FILE, redact_secrets, write_json_atomic
 from qlora_exp.schema import TrackingConfig
+from qlora_exp.sweep import in_multirun
 from qlora_exp.training import perplexity
 
 log = logging.getLogger(__name__)
@@ -25,10 +28,21 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "wandb_run_id.txt"
 
 
+def group_and_name(run_dir: Path) -> tuple[str | None, str]:
+    """Defaults for the W&B group and run name: in a sweep, the sweep directory's name and the
+    job's overrides (e.g. `lora.r=16,trainer.learning_rate=2e-4`); else no group, the run dir's name."""
+    if not in_multirun():
+        return None, run_dir.name
+    hydra_cfg = HydraConfig.get()
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("experiment=")]
+    return Path(hydra_cfg.sweep.dir).name, ",".join(sorted(overrides)) or run_dir.name
+
+
 class Tracker:
     """A W&B run (or nothing, for tracking=none) with log/summary/finish."""
 
     def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict[str, Any]) -> None:
+        self.run_dir = run_dir
         self.run: Any = None
         if not is_main_process():
             return
@@ -37,11 +51,12 @@ class Tracker:
             return
         id_file = run_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        group, name = group_and_name(run_dir)
         self.run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
-            group=cfg.group,
-            name=cfg.name,
+            group=cfg.group or group,
+            name=cfg.name or name,
             job_type=cfg.job_type,
             tags=list(cfg.tags),
             config=redact_secrets(config),
@@ -85,7 +100,10 @@ class Tracker:
 
 
 class TrackingCallback(TrainerCallback):
-    """Forwards the Trainer's logs (loss, lr, grad norm, eval) to the tracker."""
+    """Forwards the Trainer's logs (loss, lr, grad norm, eval) to the tracker, and rewrites the
+    run directory's log_history.json from the Trainer's state, for plots without W&B
+    (`qlora-compare`): transformers writes it only inside checkpoints. A resumed run restores
+    the state's history, so the file stays whole."""
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
@@ -101,3 +119,4 @@ class TrackingCallback(TrainerCallback):
         if logs and state.is_world_process_zero:
             extra = {"eval_perplexity": perplexity(logs["eval_loss"])} if "eval_loss" in logs else {}
             self.tracker.log({**logs, **extra}, step=state.global_step)
+            write_json_atomic(self.tracker.run_dir / HISTORY_FILE, state.log_history)

@@ -18,7 +18,7 @@ from transformers import set_seed
 
 from qlora_exp.data import DataModule
 from qlora_exp.distributed import quiet_non_main_ranks, run_stamp
-from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError, end_job
+from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
 from qlora_exp.generation import HeldOutSamples
 from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, oom_advice
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
@@ -26,6 +26,7 @@ from qlora_exp.preview import preview_data
 from qlora_exp.resume import prepare_resume, register_resolvers
 from qlora_exp.run_dir import RunDirectory
 from qlora_exp.schema import register_configs, to_schema
+from qlora_exp.sweep import JobFailure, end_failed_job, finished_objective, register_sweep_configs
 from qlora_exp.tracking import Tracker, TrackingCallback
 from qlora_exp.training import (
     build_evaluation_callbacks,
@@ -35,6 +36,7 @@ from qlora_exp.training import (
 )
 
 log = logging.getLogger("qlora_exp.train")
+register_sweep_configs()
 register_configs()
 OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
 register_resolvers()
@@ -50,6 +52,8 @@ def run_experiment(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     quiet_non_main_ranks()
+    if (objective := finished_objective(run_dir, resolved)) is not None:  # sweep rerun: already done
+        return objective
     with RunDirectory(run_dir) as run:
         log.info("run directory: %s", run_dir)
         checkpoint = prepare_resume(run_dir, resolved, schema.resume, schema.resume_force)
@@ -88,19 +92,20 @@ def run_experiment(cfg: DictConfig) -> float:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Console entry point; failures become documented exit codes (README, "Exit codes")."""
+def main(cfg: DictConfig) -> float | JobFailure:
+    """Console entry point; failures become documented exit codes (README, "Exit codes"),
+    or, inside a sweep, a JobFailure so that the other jobs still run."""
     try:
         return run_experiment(cfg)
     except QloraError as exc:
         log.error("%s", exc)
-        end_job(exc, exc.exit_code)
+        return end_failed_job(exc.exit_code, exc)
     except torch.OutOfMemoryError as exc:
         log.error("%s", oom_advice(cfg))
-        end_job(exc, OutOfMemoryError.exit_code)
-    except Exception as exc:  # unexpected: already marked FAILED above; re-raised as exit code OTHER
+        return end_failed_job(OutOfMemoryError.exit_code, exc)
+    except Exception as exc:  # unexpected: already marked FAILED above; ends as exit code OTHER
         log.exception("unexpected error")
-        end_job(exc, ExitCode.OTHER)
+        return end_failed_job(ExitCode.OTHER, exc)
     finally:
         gc.collect()
         if torch.cuda.is_available():

@@ -1,0 +1,178 @@
+"""Sweeps as a user runs them: `qlora-train -m ...` then `qlora-compare SWEEP_DIR` (tiny smoke runs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from qlora_exp.errors import ExitCode
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+Sweep = tuple[Path, subprocess.CompletedProcess[str]]
+GRID = ("experiment=smoke", "trainer.max_steps=2", "lora.r=4,8", "trainer.learning_rate=1e-3,2e-3")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """`qlora-train -m OVERRIDES hydra.sweep.dir=SWEEP_DIR`."""
+    return run_cli("qlora-train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}")
+
+
+def output(result: subprocess.CompletedProcess[str]) -> str:
+    return result.stdout + result.stderr
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
+
+
+def wandb_records(job: Path) -> list[dict[str, Any]]:
+    """The records of the job's offline W&B run, read with W&B's own inspector."""
+    (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
+    result = run_cli("wandb", "leet", "inspect", "--json", str(run_file))
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    """A 2x2 rank x learning-rate sweep of smoke runs, tracked by W&B offline."""
+    sweep_dir = tmp_path_factory.mktemp("sweeps") / "rank-lr-smoke"
+    return sweep_dir, sweep(sweep_dir, *GRID, "tracking=wandb")
+
+
+def test_grid_sweep_runs_four_completed_jobs(
+    grid_sweep: Sweep,
+) -> None:
+    sweep_dir, result = grid_sweep
+    assert result.returncode == 0, output(result)[-3000:]
+    jobs = job_dirs(sweep_dir)
+    assert [j.name for j in jobs] == [
+        f"experiment=smoke,lora.r={r},tracking=wandb,trainer.learning_rate={lr},trainer.max_steps=2"
+        for r in (4, 8)
+        for lr in ("0.001", "0.002")
+    ]
+    for job in jobs:
+        assert (job / "COMPLETED").is_file()
+        history = json.loads((job / "log_history.json").read_text())
+        assert [e["step"] for e in history if "loss" in e] == [1, 2]
+    assert "sweep" in output(result) and "4 jobs, 4 COMPLETED, 0 not" in output(result)
+
+
+def test_each_job_is_its_own_offline_wandb_run_in_the_sweep_group(
+    grid_sweep: Sweep,
+) -> None:
+    sweep_dir, _ = grid_sweep
+    run_ids, names = set(), set()
+    for job in job_dirs(sweep_dir):
+        records = wandb_records(job)
+        (run,) = [r["run"] for r in records if r["type"] == "run"]
+        assert run["run_group"] == "rank-lr-smoke"
+        assert run["job_type"] == "train"
+        resolved = yaml.safe_load((job / "resolved_config.yaml").read_text())
+        config = run["config"]["update"]
+        assert {k: config[k] for k in resolved} == resolved
+        assert config["trainable_params"] > 0 and config["lora_scale"] == 32 / resolved["lora"]["r"]
+        lr = resolved["trainer"]["learning_rate"]
+        assert run["display_name"] == (
+            f"lora.r={resolved['lora']['r']},tracking=wandb,trainer.learning_rate={lr:g},trainer.max_steps=2"
+        )
+        assert run["run_id"] == (job / "wandb_run_id.txt").read_text().strip()
+        summary: dict[str, Any] = {}
+        for record in records:
+            if record["type"] == "summary":
+                summary.update(record["summary"]["update"])
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert summary["eval_loss"] == pytest.approx(metrics["eval_loss"])
+        assert summary["train_tokens"] == metrics["train_tokens"]
+        run_ids.add(run["run_id"])
+        names.add(run["display_name"])
+    assert len(run_ids) == len(names) == 4
+
+
+def test_compare_prints_one_row_per_job_and_writes_files(
+    grid_sweep: Sweep,
+) -> None:
+    sweep_dir, _ = grid_sweep
+    result = run_cli("qlora-compare", str(sweep_dir))
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if "COMPLETED" in line]
+    assert len(rows) == 4
+    table = pd.read_csv(sweep_dir / "comparison.csv")
+    assert list(table["eval_loss"]) == sorted(table["eval_loss"])
+    assert set(table["lora.r"]) == {4, 8} and set(table["trainer.learning_rate"]) == {1e-3, 2e-3}
+    best = table.iloc[0]["job"]
+    assert f"Best run: {best}" in result.stdout
+    assert f"Best run: {best}" in (sweep_dir / "comparison.md").read_text()
+    for name in ("loss_curves.png", "heatmap_eval_loss.png"):
+        assert (sweep_dir / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_rerunning_a_finished_sweep_trains_nothing(
+    grid_sweep: Sweep,
+) -> None:
+    sweep_dir, _ = grid_sweep
+    jobs = job_dirs(sweep_dir)
+    before = {j: (j / "metrics.json").stat().st_mtime_ns for j in jobs}
+    result = sweep(sweep_dir, *GRID, "tracking=wandb")
+    assert result.returncode == 0, output(result)[-3000:]
+    assert output(result).count("COMPLETED with the same resolved config") == 4
+    assert "eval_loss before training" not in output(result)
+    assert {j: (j / "metrics.json").stat().st_mtime_ns for j in jobs} == before
+    assert all(len(list(j.glob("wandb/offline-run-*"))) == 1 for j in jobs)  # no new W&B runs
+
+
+def test_a_failing_job_does_not_stop_the_sweep_and_a_rerun_retries_only_it(tmp_path: Path) -> None:
+    # max_length=16 drops every example: that job fails in its data stage, the other trains.
+    poisoned = ("experiment=smoke", "trainer.max_steps=1", "data.max_length=16,256")
+    sweep_dir = tmp_path / "poisoned"
+    result = sweep(sweep_dir, *poisoned)
+    assert result.returncode == ExitCode.SWEEP_JOBS_FAILED, output(result)[-3000:]
+    good = sweep_dir / "data.max_length=256,experiment=smoke,trainer.max_steps=1"
+    bad = sweep_dir / "data.max_length=16,experiment=smoke,trainer.max_steps=1"
+    assert (good / "COMPLETED").is_file()
+    assert "DataError" in (bad / "FAILED").read_text() and "data.max_length" in (bad / "FAILED").read_text()
+    assert "2 jobs, 1 COMPLETED, 1 not" in output(result)
+    assert "FAILED data.max_length=16" in output(result)
+
+    completed_at = (good / "COMPLETED").stat().st_mtime_ns
+    failed_at = (bad / "FAILED").stat().st_mtime_ns
+    rerun = sweep(sweep_dir, *poisoned)
+    assert rerun.returncode == ExitCode.SWEEP_JOBS_FAILED
+    assert (good / "COMPLETED").stat().st_mtime_ns == completed_at  # skipped
+    assert (bad / "FAILED").stat().st_mtime_ns > failed_at  # tried again
+
+
+def test_optuna_preset_runs_three_trials_and_resumes(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "optuna"
+    overrides = ("experiment=[rank_lr_optuna,smoke]", "trainer.max_steps=1", "data.synthetic_size=24")
+    first = sweep(sweep_dir, *overrides, "hydra.sweeper.n_trials=3")
+    assert first.returncode == 0, output(first)[-3000:]
+    storage = f"sqlite:///{sweep_dir}/optuna.db"
+    study = optuna.load_study(study_name="rank_lr_optuna", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert len(job_dirs(sweep_dir)) == 3
+    for trial in study.trials:  # the trial's value is the eval_loss of the job with its parameters
+        (job,) = [
+            j
+            for j in job_dirs(sweep_dir)
+            if f"lora.r={trial.params['lora.r']}," in j.name
+            and f"trainer.learning_rate={trial.params['trainer.learning_rate']}" in j.name
+        ]
+        assert trial.value == pytest.approx(json.loads((job / "metrics.json").read_text())["eval_loss"])
+
+    resumed = sweep(sweep_dir, *overrides, "hydra.sweeper.n_trials=1")
+    assert resumed.returncode == 0, output(resumed)[-3000:]
+    assert "Using an existing study with name 'rank_lr_optuna'" in output(resumed)
+    study = optuna.load_study(study_name="rank_lr_optuna", storage=storage)
+    assert len(study.trials) == 4
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
