@@ -144,13 +144,16 @@ def publish_checkpoint(staged: Path, final: Path) -> None:
     _fsync_path(final.parent)
 
 
-def rotate_checkpoints(checkpoints_dir: Path, keep: int) -> None:
-    """Delete complete checkpoints beyond the newest `keep` (by step); torn ones are left for `publish`."""
+def rotate_checkpoints(checkpoints_dir: Path, keep: int, best: Path | None = None) -> None:
+    """Delete complete checkpoints beyond the newest `keep` (by step), sparing `best`; torn ones are
+    left for `publish`."""
     complete = []
     for _, path in list_checkpoints(checkpoints_dir):
         if (path / MANIFEST).is_file():
             complete.append(path)
     for path in complete[keep:]:
+        if best is not None and path == best:
+            continue
         log.info("deleting old checkpoint %s (trainer.save_total_limit=%d)", path, keep)
         shutil.rmtree(path)
 
@@ -204,12 +207,23 @@ class AtomicCheckpointMixin:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             self._staging_root = None
+        # The Trainer looked for the best checkpoint (load_best_model_at_end) under the staging
+        # directory: point it at its final place, in the state and in the staged trainer_state.json.
+        best = final_root / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.best_global_step}"
+        if trainer.state.best_global_step:
+            trainer.state.best_model_checkpoint = str(best)
+            if trainer.args.should_save:
+                trainer.state.save_to_json(str(staging_root / name / "trainer_state.json"))
         trainer.accelerator.wait_for_everyone()
         if trainer.args.should_save:
             publish_checkpoint(staging_root / name, final_root / name)
             staging_root.rmdir()
             if trainer.args.save_total_limit:
-                rotate_checkpoints(final_root, trainer.args.save_total_limit)
+                rotate_checkpoints(
+                    final_root,
+                    trainer.args.save_total_limit,
+                    best if trainer.state.best_global_step else None,
+                )
             log.info("checkpoint %s saved (step %d)", final_root / name, trainer.state.global_step)
         trainer.accelerator.wait_for_everyone()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -348,3 +349,34 @@ def test_log_filter_scrubs_secret_values(caplog) -> None:
     SecretLogFilter({"hf_abcdefgh"}).filter(record)
     assert record.getMessage() == f"token is {REDACTED}"
     assert scrub("abc short", {"abc"}) == "abc short"  # too short to scrub as free text
+
+
+def test_best_checkpoint_survives_rotation_and_is_loaded_from_its_final_path(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        per_device_train_batch_size=2,
+        learning_rate=0.5,  # overshoots: a later step is worse, so the best one is not the newest
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    generator = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(2, generator=generator), "labels": torch.tensor(1.0)} for _ in range(8)]
+    trainer = AtomicCheckpointTrainer(model=TinyRegressor(), args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    best = Path(str(trainer.state.best_model_checkpoint))
+    assert best.parent == checkpoints and best.is_dir(), best
+    verify_checkpoint(best)
+    saved = json.loads((best / "trainer_state.json").read_text())
+    assert saved["best_model_checkpoint"] == str(best)  # what a resumed run would load at the end
+    assert not list(checkpoints.glob(".staging*"))
