@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from qlora_exp.checkpoint import find_resumable_checkpoint
 from qlora_exp.errors import ConfigError
-from qlora_exp.run_dir import RESOLVED_CONFIG, redact_secrets
+from qlora_exp.run_dir import RESOLVED_CONFIG, flatten, redact_secrets
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +43,6 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "qlora.resume_or", lambda value, default: default if value is None else value
         )
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as {"a.b.c": leaf}; lists stay leaves."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def _matters(key: str) -> bool:
