@@ -35,6 +35,7 @@ def test_slurm_preset_asks_for_one_gpu_per_job() -> None:
     assert launcher.submitit_folder.endswith("/.submitit/%j")  # the plugin's defaults are kept
 
 
+@pytest.mark.skipif(not RAY, reason="the preset extends the Ray plugin's config: pip install .[ray]")
 def test_ray_gpus_preset_asks_for_one_gpu_per_job() -> None:
     launcher = hydra_config("hydra/launcher=ray_gpus").hydra.launcher
     assert launcher._target_.endswith("RayLauncher")
@@ -79,9 +80,7 @@ def test_grid_preset_runs_two_jobs_with_submitit_local_executor(tmp_path: Path) 
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None, reason="pip install .[ray]"
-)
+@pytest.mark.skipif(not RAY, reason="pip install .[ray]")
 def test_two_jobs_as_ray_tasks_on_the_cpu(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "ray"
     result = run_cli(
