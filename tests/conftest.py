@@ -45,6 +45,15 @@ def smoke_schema() -> Config:
     return to_schema(compose_config("experiment=smoke"))
 
 
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, embedded_cache: Path) -> Path:
+    """One finished smoke run (no held-out samples) shared by the tests that only read a run."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = run_cli("qlora-train", "experiment=smoke", "eval.num_samples=0", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -13,20 +13,11 @@ import pytest
 from qlora_exp.chat import REPLY_PREFIX, USER_PROMPT, ChatSession, TurnRefused
 from qlora_exp.model import load_tokenizer
 from qlora_exp.schema import EvalConfig, to_schema
-from tests.conftest import compose_config, run_cli
+from tests.conftest import compose_config
 
 CHAT = str(Path(sys.executable).parent / "qlora-chat")
 PROMPT = USER_PROMPT.encode()
 REPLY = REPLY_PREFIX.encode()
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory, embedded_cache: Path) -> Path:
-    """One finished smoke run for the module."""
-    run_dir = tmp_path_factory.mktemp("chat") / "run"
-    result = run_cli("qlora-train", "experiment=smoke", "eval.num_samples=0", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
 
 
 def spawn_chat(run_dir: Path, *args: str) -> pexpect.spawn:

@@ -20,15 +20,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory, embedded_cache: Path) -> Path:
-    """One finished smoke run for the module."""
-    run_dir = tmp_path_factory.mktemp("merge") / "run"
-    result = run_cli("qlora-train", "experiment=smoke", "eval.num_samples=0", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def merged_dir(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("merged") / "model"
     result = run_cli("qlora-merge", str(smoke_run), "--out", str(out), "--dtype", "bf16")
