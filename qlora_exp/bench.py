@@ -4,9 +4,14 @@ Each setting trains a fresh LoRA adapter (same seed, same examples in the same o
 optimizer steps) on the same 4-bit base, so the settings differ only in layout and kernels:
 how the examples of one optimizer step are laid out in micro-batches (padded to a fixed
 length, padded to the longest row, or flattened without padding with position ids restarting
-per example), the attention implementation and Liger's kernels. Per setting it reports real
-(non-pad) tokens/s over the steps after warm-up, MFU, peak GPU memory and the mean loss of the
-first K steps, which must agree across settings: speed must never change the math.
+per example), the attention implementation, Liger's kernels and the dtype of the unquantized
+parameters and of the residual stream. Per setting it reports real (non-pad) tokens/s over the
+steps after warm-up, MFU, peak GPU memory and the mean loss of the first K steps, which must
+agree with the eager, unpacked `baseline`: speed must never change the math.
+
+The one exception is the `prototype` setting, which runs the prototype's way as it was: one
+example per micro-batch and an optimizer step after each (batch size 1, no accumulation). It
+sees the same examples but takes more optimizer steps, so its loss is not compared.
 
 The loss of a step is the token mean over all of its examples whatever the micro-batching
 (the Trainer passes `num_items_in_batch` to the model's loss), so the per-step losses of the
@@ -24,6 +29,7 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
@@ -49,11 +55,11 @@ from qlora_exp.data import IGNORE_INDEX, DataModule
 from qlora_exp.errors import ConfigError, QloraError
 from qlora_exp.model import (
     attach_lora,
-    cast_unquantized_params,
     check_liger,
     load_tokenizer,
     load_trainable_base,
     resolve_compute_dtype,
+    set_unquantized_precision,
 )
 from qlora_exp.schema import DataConfig, LoraConfig, ModelConfig, TrainerConfig, register_configs, to_schema
 from qlora_exp.synthetic_data import generate_synthetic_examples
@@ -92,6 +98,10 @@ class Setting:
     attn_implementation: str
     use_liger_kernel: bool
     upcast_unquantized_params: bool = True
+    fp32_residual: bool = False
+    # The prototype's way: an optimizer step after every micro-batch instead of accumulating the
+    # step's examples. Its losses are then those of other optimizer steps and are not compared.
+    step_every_micro_batch: bool = False
     description: str = ""
 
     def validate(self, examples_per_step: int) -> None:
@@ -200,7 +210,9 @@ def standard_settings(
             micro_batch=1,
             attn_implementation="eager",
             use_liger_kernel=False,
-            description=f"one example per micro-batch padded to {max_length}, eager attention",
+            step_every_micro_batch=True,
+            description=f"one example per micro-batch padded to {max_length}, eager attention, "
+            "an optimizer step after each",
         ),
         Setting(
             name="baseline",
@@ -217,13 +229,14 @@ def standard_settings(
             attn_implementation=model_cfg.attn_implementation,
             use_liger_kernel=model_cfg.use_liger_kernel,
             upcast_unquantized_params=model_cfg.upcast_unquantized_params,
+            fp32_residual=model_cfg.fp32_residual,
             description="the model preset's switches; one micro-batch per step, flattened without padding",
         ),
     ]
 
 
 def parse_setting(spec: str, base: Setting) -> Setting:
-    """`NAME:key=value,...` (keys: layout, micro_batch, attn, liger, upcast) as a variant of `base`."""
+    """`NAME:key=value,...` as a variant of `base`; keys as in the error message below."""
     name, _, body = spec.partition(":")
     if not name or not body:
         raise ConfigError(f"--extra {spec!r}: expected NAME:key=value,... Fix: e.g. eager_pf:attn=eager")
@@ -240,10 +253,12 @@ def parse_setting(spec: str, base: Setting) -> Setting:
             changes["use_liger_kernel"] = value == "1"
         elif key == "upcast" and value in ("0", "1"):
             changes["upcast_unquantized_params"] = value == "1"
+        elif key == "fp32_residual" and value in ("0", "1"):
+            changes["fp32_residual"] = value == "1"
         else:
             raise ConfigError(
                 f"--extra {spec!r}: cannot read {item!r}. "
-                "Fix: keys are layout=, micro_batch=N, attn=, liger=0|1, upcast=0|1"
+                "Fix: keys are layout=, micro_batch=N, attn=, liger=0|1, upcast=0|1, fp32_residual=0|1"
             )
     return replace(base, **changes)
 
@@ -356,6 +371,11 @@ def count_flops_per_token(model: torch.nn.Module) -> float:
     return 4.0 * total
 
 
+def group_sums(values: list[float], size: int) -> list[float]:
+    """Sums of consecutive groups of `size` values (optimizer steps -> bench steps)."""
+    return [sum(values[i : i + size]) for i in range(0, len(values) - size + 1, size)]
+
+
 def run_setting(
     setting: Setting,
     base: PreTrainedModel,
@@ -375,6 +395,9 @@ def run_setting(
     profile = args.profile == setting.name
     # A profiled step runs slower; it is one extra step at the end, outside the timing.
     result.steps = timed_steps + (1 if profile else 0)
+    micro_batches = args.examples_per_step // setting.micro_batch
+    # Optimizer steps per bench step: 1, or one per micro-batch for the prototype's way.
+    per_step = micro_batches if setting.step_every_micro_batch else 1
     examples = dataset.select(range(result.steps * args.examples_per_step))
     lengths = [len(ids) for ids in examples["input_ids"]]
     result.step_real_tokens = [
@@ -383,16 +406,20 @@ def run_setting(
     ]
     base.set_attn_implementation(setting.attn_implementation)
     # Unquantized params in fp32 (peft's default) or the compute dtype; the cast is lossless both ways
-    # because the checkpoint holds them in the compute dtype.
-    compute_dtype = resolve_compute_dtype(args.compute_dtype)
-    cast_unquantized_params(base, torch.float32 if setting.upcast_unquantized_params else compute_dtype)
+    # because the checkpoint holds them in the compute dtype. The hooks go when the setting ends.
+    hooks = set_unquantized_precision(
+        base,
+        upcast=setting.upcast_unquantized_params,
+        fp32_residual=setting.fp32_residual,
+        compute_dtype=resolve_compute_dtype(args.compute_dtype),
+    )
     if setting.use_liger_kernel:
         apply_liger_kernel(base, None)
-    result.accumulation = args.examples_per_step // setting.micro_batch
+    result.accumulation = micro_batches // per_step
     set_seed(args.seed)  # the same LoRA initialisation for every setting
     model = attach_lora(base, lora_cfg)
     trainer_cfg = TrainerConfig(
-        max_steps=result.steps,
+        max_steps=result.steps * per_step,
         per_device_train_batch_size=setting.micro_batch,
         gradient_accumulation_steps=result.accumulation,
         learning_rate=args.learning_rate,
@@ -403,7 +430,7 @@ def run_setting(
         train_sampling_strategy="sequential",
     )
     recorder = StepRecorder(
-        profile_step=timed_steps if profile else None,
+        profile_step=timed_steps * per_step if profile else None,
         profile_path=out_dir / f"profile_{setting.name}.txt" if profile else None,
     )
     training_args = build_training_arguments(trainer_cfg, out_dir / "trainer" / setting.name, args.seed)
@@ -428,8 +455,8 @@ def run_setting(
     )
     try:
         trainer.train()
-        result.step_seconds = recorder.seconds
-        result.step_losses = recorder.losses
+        result.step_seconds = group_sums(recorder.seconds, per_step)
+        result.step_losses = [loss / per_step for loss in group_sums(recorder.losses, per_step)]
         timed = slice(result.warmup_steps, timed_steps)
         seconds = sum(result.step_seconds[timed])
         result.real_tokens_per_s = sum(result.step_real_tokens[timed]) / seconds if seconds > 0 else None
@@ -437,7 +464,8 @@ def run_setting(
             flops = count_flops_per_token(base) * result.real_tokens_per_s
             result.mfu = flops / (args.peak_tflops * 1e12)
         k = args.loss_steps
-        result.mean_loss_first_k = sum(result.step_losses[:k]) / k if len(result.step_losses) >= k else None
+        comparable = not setting.step_every_micro_batch and len(result.step_losses) >= k
+        result.mean_loss_first_k = sum(result.step_losses[:k]) / k if comparable else None
         memory = peak_memory()
         result.peak_memory_gb, result.peak_memory_kind = memory["peak_memory_gb"], memory["peak_memory_kind"]
     except torch.OutOfMemoryError as exc:
@@ -447,6 +475,8 @@ def run_setting(
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.exception("setting %s failed", setting.name)
     finally:
+        for hook in hooks:
+            hook.remove()
         trainer.model_wrapped = trainer.model = None  # type: ignore[assignment]
         del trainer
         model.unload()  # removes the LoRA layers; the base stays loaded for the next setting
@@ -471,44 +501,60 @@ def versions() -> dict[str, str]:
     return out
 
 
+def pick(
+    results: list[SettingResult], name: str, usable: Callable[[SettingResult], bool]
+) -> SettingResult | None:
+    """The setting called `name` if it ran usably, else the first usable one."""
+    named = [r for r in results if r.setting.name == name and usable(r)]
+    return next(iter(named or [r for r in results if usable(r)]), None)
+
+
 def markdown_table(results: list[SettingResult], loss_steps: int) -> str:
-    """One row per setting; ratios against the first setting (the reference)."""
-    reference = results[0]
+    """One row per setting; speed against `prototype`, loss against `baseline` (eager, unpacked)."""
+    speed_ref = pick(results, "prototype", lambda r: bool(r.real_tokens_per_s))
+    loss_ref = pick(results, "baseline", lambda r: bool(r.mean_loss_first_k))
     header = (
-        "| setting | layout | micro-batch x accumulation | attention | Liger | fp32 upcast | real tokens/s "
-        "| x first "
-        f"| MFU | peak GPU memory (GiB) | mean loss, first {loss_steps} steps | loss vs first |\n"
+        "| setting | layout | micro-batch x accumulation | attention | Liger | unquantized params | "
+        f"real tokens/s | x {speed_ref.setting.name if speed_ref else 'n/a'} "
+        f"| MFU | peak GPU memory (GiB) | mean loss, first {loss_steps} steps "
+        f"| loss vs {loss_ref.setting.name if loss_ref else 'n/a'} |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in results:
         s = r.setting
-        accumulation = f"{s.micro_batch} x {r.accumulation}"
+        accumulation = f"{s.micro_batch} x {r.accumulation}" + (
+            " (a step each)" if s.step_every_micro_batch else ""
+        )
+        lead = (
+            f"| {s.name} | {s.layout} | {accumulation} | {s.attn_implementation} | "
+            f"{_on(s.use_liger_kernel)} | {_precision(s)} | "
+        )
         if r.error:
-            rows.append(
-                f"| {s.name} | {s.layout} | {accumulation} | {s.attn_implementation} | "
-                f"{_on(s.use_liger_kernel)} | {_on(s.upcast_unquantized_params)} | {r.error} | | | | | |"
-            )
+            rows.append(f"{lead}{r.error} | | | | | |")
             continue
         speedup = (
-            f"{r.real_tokens_per_s / reference.real_tokens_per_s:.1f}x"
-            if r.real_tokens_per_s and reference.real_tokens_per_s
+            f"{r.real_tokens_per_s / speed_ref.real_tokens_per_s:.1f}x"
+            if r.real_tokens_per_s and speed_ref and speed_ref.real_tokens_per_s
             else "n/a"
         )
         loss_delta = (
-            f"{100 * (r.mean_loss_first_k / reference.mean_loss_first_k - 1):+.2f}%"
-            if r.mean_loss_first_k is not None and reference.mean_loss_first_k
+            f"{100 * (r.mean_loss_first_k / loss_ref.mean_loss_first_k - 1):+.2f}%"
+            if r.mean_loss_first_k is not None and loss_ref and loss_ref.mean_loss_first_k
             else "n/a"
         )
         rows.append(
-            f"| {s.name} | {s.layout} | {accumulation} | {s.attn_implementation} | "
-            f"{_on(s.use_liger_kernel)} | {_on(s.upcast_unquantized_params)} | "
-            f"{_fmt(r.real_tokens_per_s, '.0f')} | "
-            f"{speedup} | "
+            f"{lead}{_fmt(r.real_tokens_per_s, '.0f')} | {speedup} | "
             f"{_fmt(r.mfu and 100 * r.mfu, '.1f')}{'%' if r.mfu else ''} | {_fmt(r.peak_memory_gb, '.1f')} | "
             f"{_fmt(r.mean_loss_first_k, '.4f')} | {loss_delta} |"
         )
     return header + "\n".join(rows) + "\n"
+
+
+def _precision(setting: Setting) -> str:
+    if setting.upcast_unquantized_params:
+        return "fp32"
+    return "compute dtype, fp32 residual" if setting.fp32_residual else "compute dtype"
 
 
 def _on(flag: bool) -> str:
@@ -674,18 +720,18 @@ def run_bench(args: argparse.Namespace, command: str) -> list[SettingResult]:
         max_length=args.max_length,
     )
     started = time.perf_counter()
-    # Loaded once with no Liger and the first setting's attention; each setting switches what it needs.
+    # Loaded once with no Liger, no precision hooks and the first setting's attention; each setting
+    # switches what it needs.
     base = load_trainable_base(
-        replace(model_cfg, use_liger_kernel=False, attn_implementation=settings[0].attn_implementation)
+        replace(
+            model_cfg,
+            use_liger_kernel=False,
+            fp32_residual=False,
+            attn_implementation=settings[0].attn_implementation,
+        )
     )
     log.info("model loaded in %.0f s", time.perf_counter() - started)
     args.compute_dtype = model_cfg.bnb_4bit_compute_dtype
-    results = []
-    for setting in settings:
-        results.append(
-            run_setting(setting, base, tokenizer, dataset, lora_cfg=lora_cfg, args=args, out_dir=out_dir)
-        )
-        log.info("setting %s done: %s", setting.name, results[-1].real_tokens_per_s)
     meta = {
         "model": f"{args.model} ({name_or_path}, preset model={preset})",
         "device": torch.cuda.get_device_name()
@@ -700,9 +746,16 @@ def run_bench(args: argparse.Namespace, command: str) -> list[SettingResult]:
         "peak_tflops": args.peak_tflops,
         "lora": asdict(lora_cfg),
         "versions": versions(),
-        "wall_seconds": time.perf_counter() - started,
     }
-    json_path, md_path = write_report(results, meta, out_dir, args.loss_steps)
+    results: list[SettingResult] = []
+    for setting in settings:
+        results.append(
+            run_setting(setting, base, tokenizer, dataset, lora_cfg=lora_cfg, args=args, out_dir=out_dir)
+        )
+        log.info("setting %s done: %s", setting.name, results[-1].real_tokens_per_s)
+        # Written after every setting, so a run stopped part-way keeps what it measured.
+        meta["wall_seconds"] = time.perf_counter() - started
+        json_path, md_path = write_report(results, meta, out_dir, args.loss_steps)
     print(markdown_table(results, args.loss_steps))
     log.info("wrote %s and %s", json_path, md_path)
     failed = [r.setting.name for r in results if r.error]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import peft
 import torch
+from torch.utils.hooks import RemovableHandle
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -149,6 +151,56 @@ def cast_unquantized_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
+def _to_float32(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.float()
+
+
+def keep_fp32_residual(model: PreTrainedModel, compute_dtype: torch.dtype) -> list[RemovableHandle]:
+    """Hooks that keep the residual stream and the MLPs in fp32, weights in `compute_dtype`; returns them.
+
+    Written here because neither peft nor transformers offers it. peft's k-bit preparation gets an
+    fp32 residual only by upcasting the embedding matrix, which also makes every activation fp32:
+    the tied LM head becomes an fp32 matmul and flex attention runs in fp32. Under bf16 autocast
+    that buys nothing for attention, whose matmuls round q, k and v to bf16 anyway; what it keeps
+    is LoRA's small early updates in the fp32 sums (residual adds, the MLP's gate * up product).
+    So: the embedding output is cast to fp32; each layer's attention input (`input_layernorm`'s
+    output), the rotary cos/sin and the final norm's output (the LM head's input) go to
+    `compute_dtype`.
+    """
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", [])
+    modules = [getattr(decoder, "norm", None), getattr(decoder, "rotary_emb", None)]
+    modules += [getattr(layer, "input_layernorm", None) for layer in layers]
+    if not layers or not all(isinstance(m, torch.nn.Module) for m in modules):
+        raise ConfigError(
+            f"model.fp32_residual: {type(decoder).__name__} lacks the `norm`, `rotary_emb` and "
+            "`layers[i].input_layernorm` modules this switch hooks. Fix: model.fp32_residual=false, or "
+            "model.upcast_unquantized_params=true for fp32 activations throughout"
+        )
+
+    def to_compute_dtype(module: torch.nn.Module, inputs: tuple, output: Any) -> Any:
+        if isinstance(output, tuple):  # rotary embeddings: (cos, sin)
+            return tuple(t.to(compute_dtype) for t in output)
+        return output.to(compute_dtype)
+
+    handles = [model.get_input_embeddings().register_forward_hook(_to_float32)]
+    handles += [m.register_forward_hook(to_compute_dtype) for m in modules if m is not None]
+    return handles
+
+
+def set_unquantized_precision(
+    model: PreTrainedModel, *, upcast: bool, fp32_residual: bool, compute_dtype: torch.dtype
+) -> list[RemovableHandle]:
+    """Embeddings and norms in fp32 (`upcast`) or the compute dtype, optionally with an fp32 residual.
+
+    Returns the handles of the hooks it added, so that a caller reusing the model can remove them.
+    """
+    cast_unquantized_params(model, torch.float32 if upcast else compute_dtype)
+    if upcast or not fp32_residual or compute_dtype == torch.float32:
+        return []  # the residual stream already has the dtype of the embeddings
+    return keep_fp32_residual(model, compute_dtype)
+
+
 def load_trainable_base(model_cfg: ModelConfig) -> PreTrainedModel:
     """4-bit base with the configured kernels, frozen and prepared for k-bit training."""
     check_liger(model_cfg)
@@ -159,8 +211,12 @@ def load_trainable_base(model_cfg: ModelConfig) -> PreTrainedModel:
         use_gradient_checkpointing=model_cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    if not model_cfg.upcast_unquantized_params:
-        cast_unquantized_params(base, resolve_compute_dtype(model_cfg.bnb_4bit_compute_dtype))
+    set_unquantized_precision(
+        base,
+        upcast=model_cfg.upcast_unquantized_params,
+        fp32_residual=model_cfg.fp32_residual,
+        compute_dtype=resolve_compute_dtype(model_cfg.bnb_4bit_compute_dtype),
+    )
     return base
 
 
