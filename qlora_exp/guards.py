@@ -66,6 +66,7 @@ class PreemptionCallback(TrainerCallback):
         self._signum: int | None = None
         self._previous: dict[int, Any] = {}
         self._chained = submitit_signal()
+        self._handover: Any = None  # submitit's handler of its signal, called after the save
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Only set a flag: saving inside a signal handler could interrupt a half-written tensor.
@@ -83,6 +84,7 @@ class PreemptionCallback(TrainerCallback):
         signals = (*PREEMPTION_SIGNALS, self._chained) if self._chained else PREEMPTION_SIGNALS
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._handover = self._previous.get(self._chained) if self._chained else None
 
     def restore(self) -> None:
         """Give the signals back to their previous handlers."""
@@ -104,7 +106,7 @@ class PreemptionCallback(TrainerCallback):
             flag = torch.tensor([int(stop)], device=args.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             stop = bool(flag.item())
-            self.signal_name = self.signal_name or ("SIGTERM/SIGUSR1 on another rank" if stop else None)
+            self.signal_name = self.signal_name or ("a preemption signal on another rank" if stop else None)
         if stop:
             control.should_save = True
             control.should_training_stop = True
@@ -116,10 +118,9 @@ class PreemptionCallback(TrainerCallback):
         if self.signal_name is None:
             return
         saved = f"checkpoint saved at step {state.global_step} of {state.max_steps}"
-        handover = self._previous.get(self._signum) if self._signum == self._chained else None
         self.restore()
-        if callable(handover):
-            self._hand_over(handover, saved)
+        if self._signum == self._chained and callable(self._handover):
+            self._hand_over(self._handover, saved)
         raise PreemptedError(
             f"preempted by {self.signal_name}: {saved}. Fix: rerun the same command with hydra.run.dir "
             "set to this run's directory (or resume=RUN_DIR) to continue"
