@@ -23,7 +23,7 @@ from qlora_exp.guards import PreemptionCallback, RequeuedExit, submitit_signal
 from tests.test_resume import start_cli
 
 LAUNCHER_ARGS = (["lora.r=8"], "hydra.sweep.dir", 0, "job_id_for_0", {})
-HANDLED_BY_SUBMITIT = (signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT)
+SIGNALS_TOUCHED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT)  # ours and submitit's
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def submitit_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Jo
     monkeypatch.setenv("SUBMITIT_LOCAL_GLOBALID", "0")
     paths = JobPaths(tmp_path / "submitit", job_id="4242", task_id=0)
     paths.folder.mkdir(parents=True)
-    before = {sig: signal.getsignal(sig) for sig in HANDLED_BY_SUBMITIT}
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS_TOUCHED}
     yield paths
     for sig, handler in before.items():
         signal.signal(sig, handler)
