@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 from types import FrameType
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from submitit import JobEnvironment
+from submitit.core.utils import UncompletedJobError
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from qlora_exp.errors import NumericalError, PreemptedError
@@ -24,21 +27,52 @@ log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def submitit_signal() -> signal.Signals | None:
+    """The signal submitit sends a job it runs before preemption or timeout (SIGUSR2 unless
+    SUBMITIT_PREEMPT_SIGNAL names another); None outside a submitit job."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    return signal.Signals["SIG" + JobEnvironment.USR_SIG]
+
+
+class RequeuedExit(SystemExit):
+    """submitit's own exit after it requeued the job (same exit code), with a reason that the run
+    directory's FAILED marker shows until the requeued job reopens the directory."""
+
+    def __init__(self, code: Any, reason: str) -> None:
+        super().__init__(code)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 class PreemptionCallback(TrainerCallback):
     """On SIGTERM/SIGUSR1: finish the current step, save a checkpoint, raise PreemptedError (exit 75).
 
+    Inside a submitit job (hydra/launcher=submitit_local, slurm) submitit's own preemption/timeout
+    signal is caught too; after the checkpoint is saved, submitit's handler is called, which has the
+    launcher resubmit the same job (the same job directory) and requeues it: the requeued job resumes
+    from that checkpoint (qlora_exp/resume.py). Requeueing stays submitit's: it alone knows the
+    cluster, and it counts timeouts against `max_num_timeout`.
+
     The handlers are installed only while training runs (on_train_begin .. on_train_end); outside
-    that window a signal has its default effect, since there is no step boundary to wait for.
+    that window a signal has its previous effect (submitit's handler requeues at once, from the last
+    checkpoint), since there is no step boundary to wait for.
     """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._chained = submitit_signal()
+        self._handover: Any = None  # submitit's handler of its signal, called after the save
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Only set a flag: saving inside a signal handler could interrupt a half-written tensor.
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
+            self._signum = signum
             log.warning(
                 "%s received: saving a checkpoint at the end of this step, then exiting", self.signal_name
             )
@@ -47,8 +81,10 @@ class PreemptionCallback(TrainerCallback):
         """Route the preemption signals to this callback (main thread only, as Python requires)."""
         if self._previous:  # on_train_begin again: auto_find_batch_size restarts the loop
             return
-        for sig in PREEMPTION_SIGNALS:
+        signals = (*PREEMPTION_SIGNALS, self._chained) if self._chained else PREEMPTION_SIGNALS
+        for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._handover = self._previous.get(self._chained) if self._chained else None
 
     def restore(self) -> None:
         """Give the signals back to their previous handlers."""
@@ -70,7 +106,7 @@ class PreemptionCallback(TrainerCallback):
             flag = torch.tensor([int(stop)], device=args.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             stop = bool(flag.item())
-            self.signal_name = self.signal_name or ("SIGTERM/SIGUSR1 on another rank" if stop else None)
+            self.signal_name = self.signal_name or ("a preemption signal on another rank" if stop else None)
         if stop:
             control.should_save = True
             control.should_training_stop = True
@@ -79,13 +115,31 @@ class PreemptionCallback(TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.signal_name is not None:
-            self.restore()
+        if self.signal_name is None:
+            return
+        saved = f"checkpoint saved at step {state.global_step} of {state.max_steps}"
+        self.restore()
+        if self._signum == self._chained and callable(self._handover):
+            self._hand_over(self._handover, saved)
+        raise PreemptedError(
+            f"preempted by {self.signal_name}: {saved}. Fix: rerun the same command with hydra.run.dir "
+            "set to this run's directory (or resume=RUN_DIR) to continue"
+        )
+
+    def _hand_over(self, handler: Any, saved: str) -> None:
+        """Let submitit's handler requeue the job now that the checkpoint exists; it exits the
+        process (its exit code tells its local executor to rerun the job)."""
+        log.warning("%s: %s; handing over to submitit to requeue the job", self.signal_name, saved)
+        try:
+            handler(self._signum, None)
+        except UncompletedJobError as exc:  # e.g. timed out more than max_num_timeout times
             raise PreemptedError(
-                f"preempted by {self.signal_name}: checkpoint saved at step {state.global_step} of "
-                f"{state.max_steps}. Fix: rerun the same command with hydra.run.dir set to this run's "
-                "directory (or resume=RUN_DIR) to continue"
-            )
+                f"preempted by {self.signal_name}: {saved}; submitit did not requeue the job ({exc}). "
+                "Fix: rerun the same sweep command with the same hydra.sweep.dir (or raise "
+                "hydra.launcher.max_num_timeout)"
+            ) from exc
+        except SystemExit as exc:
+            raise RequeuedExit(exc.code, f"requeued by submitit after {self.signal_name}: {saved}") from exc
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
