@@ -32,6 +32,8 @@ def test_standard_settings_are_prototype_baseline_and_the_presets_defaults() -> 
         1,
         "eager",
     )
+    # The prototype's way: batch size 1 and an optimizer step after every example.
+    assert prototype.step_every_micro_batch and not baseline.step_every_micro_batch
     assert (baseline.layout, baseline.micro_batch, baseline.use_liger_kernel) == ("dynamic_padding", 8, False)
     assert (defaults.layout, defaults.micro_batch) == ("padding_free", 32)
     assert (defaults.attn_implementation, defaults.use_liger_kernel) == ("flex_attention", True)
@@ -39,13 +41,14 @@ def test_standard_settings_are_prototype_baseline_and_the_presets_defaults() -> 
 
 def test_parse_setting_overrides_only_what_it_names() -> None:
     defaults = standard_settings(GEMMA, 32)[2]
-    variant = parse_setting("no_liger:liger=0,micro_batch=16,upcast=1", defaults)
+    variant = parse_setting("no_liger:liger=0,micro_batch=16,upcast=1,fp32_residual=1", defaults)
     assert variant.name == "no_liger"
-    assert (variant.use_liger_kernel, variant.micro_batch, variant.upcast_unquantized_params) == (
-        False,
-        16,
-        True,
-    )
+    assert (
+        variant.use_liger_kernel,
+        variant.micro_batch,
+        variant.upcast_unquantized_params,
+        variant.fp32_residual,
+    ) == (False, 16, True, True)
     assert variant.attn_implementation == defaults.attn_implementation
 
 
@@ -69,10 +72,11 @@ def test_liger_settings_run_last_because_the_patch_cannot_be_undone() -> None:
     ]
 
 
-def test_markdown_table_ratios_and_loss_against_the_first_setting() -> None:
-    prototype, _, defaults = standard_settings(GEMMA, 32)
-    first = SettingResult(
-        prototype, accumulation=32, real_tokens_per_s=200.0, mean_loss_first_k=10.0, peak_memory_gb=10.0
+def test_markdown_table_speed_against_the_prototype_and_loss_against_the_baseline() -> None:
+    prototype, baseline, defaults = standard_settings(GEMMA, 32)
+    first = SettingResult(prototype, accumulation=1, real_tokens_per_s=200.0, peak_memory_gb=10.0)
+    reference = SettingResult(
+        baseline, accumulation=4, real_tokens_per_s=1000.0, mean_loss_first_k=10.0, peak_memory_gb=20.0
     )
     fast = SettingResult(
         defaults,
@@ -83,12 +87,15 @@ def test_markdown_table_ratios_and_loss_against_the_first_setting() -> None:
         mfu=0.2,
     )
     broken = SettingResult(defaults, error="out of memory: tried to allocate")
-    table = markdown_table([first, fast, broken], loss_steps=3)
+    table = markdown_table([first, reference, fast, broken], loss_steps=3)
     rows = table.splitlines()
     assert "mean loss, first 3 steps" in rows[0]
-    assert "| 25.0x |" in rows[3] and "| +0.50% |" in rows[3] and "| 20.0% |" in rows[3]
-    assert "| 32 x 1 |" in rows[3]
-    assert "out of memory" in rows[4]
+    assert "| x prototype |" in rows[0] and "| loss vs baseline |" in rows[0]
+    assert "| 1 x 1 (a step each) |" in rows[2] and rows[2].endswith("| n/a | n/a |")  # loss not compared
+    assert "| 5.0x |" in rows[3] and "| +0.00% |" in rows[3]
+    assert "| 25.0x |" in rows[4] and "| +0.50% |" in rows[4] and "| 20.0% |" in rows[4]
+    assert "| 32 x 1 |" in rows[4] and "| fp32 |" in rows[4]
+    assert "out of memory" in rows[5]
 
 
 def test_liger_is_refused_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,6 +119,7 @@ def test_gemma2_preset_turns_the_speed_switches_on() -> None:
     assert model.attn_implementation == "flex_attention"
     assert model.use_liger_kernel is True
     assert model.upcast_unquantized_params is False
+    assert model.fp32_residual is True
 
 
 def test_cast_unquantized_params_round_trips_without_loss() -> None:
@@ -137,7 +145,7 @@ def test_bench_cli_runs_every_setting_on_identical_data(tmp_path: Path) -> None:
             "--timed-steps",
             "1",
             "--extra",
-            "bf16_params:upcast=0",
+            "res32:upcast=0,fp32_residual=1",
         ),
         *("--out", str(out)),
         env={"OMP_NUM_THREADS": "1"},  # 2 shared cores: OpenMP spin-waiting makes CPU steps 20x slower
@@ -145,14 +153,17 @@ def test_bench_cli_runs_every_setting_on_identical_data(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     names = [s["setting"]["name"] for s in report["settings"]]
-    assert names == ["prototype", "baseline", "defaults", "bf16_params"]
-    losses = [s["mean_loss_first_k"] for s in report["settings"]]
+    assert names == ["prototype", "baseline", "defaults", "res32"]
+    prototype, *others = report["settings"]
+    # The prototype takes a step after every example: other optimizer steps, no comparable loss.
+    assert prototype["mean_loss_first_k"] is None and len(prototype["step_losses"]) == 2
+    losses = [s["mean_loss_first_k"] for s in others]
     # Same examples, same seed, same steps: layout must not change the loss. (On the CPU the compute
-    # dtype is fp32, so bf16_params only exercises the switch; its effect is measured on the GPU.)
+    # dtype is fp32, so res32 only exercises the switch; its effect is measured on the GPU.)
     assert max(losses) - min(losses) < 1e-3 * losses[0], losses
     for setting in report["settings"]:
         assert setting["error"] is None
         assert setting["real_tokens_per_s"] > 0
         assert setting["step_real_tokens"] == report["settings"][0]["step_real_tokens"]
-    assert "| prototype | pad_to_max | 1 x 2 |" in (out / "bench.md").read_text()
+    assert "| prototype | pad_to_max | 1 x 1 (a step each) |" in (out / "bench.md").read_text()
     assert "| defaults | padding_free | 2 x 1 |" in result.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -13,6 +15,8 @@ from qlora_exp.model import (
     build_quantization_config,
     build_quantized_model,
     check_attention,
+    keep_fp32_residual,
+    load_trainable_base,
     resolve_source,
 )
 from qlora_exp.schema import Config
@@ -65,3 +69,71 @@ def test_adapter_weights_change_while_quantized_base_stays_frozen(smoke_schema: 
 
     assert any(not torch.equal(lora_before[n], p) for n, p in lora.items())
     assert all(torch.equal(base_before[id(m)], m.weight.data) for m in four_bit)
+
+
+def test_fp32_residual_keeps_the_sums_fp32_and_attention_in_the_compute_dtype(smoke_schema: Config) -> None:
+    cfg = replace(
+        smoke_schema.model,
+        bnb_4bit_compute_dtype="bfloat16",
+        upcast_unquantized_params=False,
+        fp32_residual=True,
+    )
+    base = load_trainable_base(cfg)
+    layer = base.model.layers[0]
+    seen: dict[str, torch.dtype] = {}
+    layer.register_forward_hook(
+        lambda m, i, o: seen.update(residual=(o[0] if isinstance(o, tuple) else o).dtype)
+    )
+    layer.self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.update(attention=o.dtype))
+    layer.mlp.up_proj.register_forward_hook(lambda m, i, o: seen.update(mlp=o.dtype))
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = base(input_ids=ids, labels=ids)
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16  # no fp32 copy of the embeddings
+    assert seen == {"attention": torch.bfloat16, "mlp": torch.float32, "residual": torch.float32}
+    assert out.logits.dtype == torch.bfloat16  # the LM head runs in the compute dtype
+
+    # peft's way (every unquantized parameter in fp32) gives the same loss up to bf16 rounding.
+    upcast = load_trainable_base(replace(cfg, upcast_unquantized_params=True))
+    assert upcast.get_input_embeddings().weight.dtype == torch.float32
+    with torch.no_grad():
+        upcast_loss = upcast(input_ids=ids, labels=ids).loss
+    assert abs(upcast_loss.item() - out.loss.item()) < 0.01 * upcast_loss.item()
+
+
+def test_fp32_residual_hooks_come_off_and_bf16_is_bf16_throughout(smoke_schema: Config) -> None:
+    cfg = replace(smoke_schema.model, bnb_4bit_compute_dtype="bfloat16", upcast_unquantized_params=False)
+    base = load_trainable_base(cfg)
+    seen: dict[str, torch.dtype] = {}
+    base.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.update(mlp=o.dtype))
+    ids = torch.arange(1, 9).unsqueeze(0)
+    hooks = keep_fp32_residual(base, torch.bfloat16)
+    with torch.no_grad():
+        base(input_ids=ids)
+    assert seen["mlp"] == torch.float32
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        base(input_ids=ids)
+    assert seen["mlp"] == torch.bfloat16
+
+
+class _NoLayers(torch.nn.Module):
+    """A causal-LM stand-in whose decoder has no per-layer norms to hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(4, 2)
+
+    def get_decoder(self) -> torch.nn.Module:
+        return torch.nn.Identity()
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
+
+def test_fp32_residual_refuses_an_architecture_it_cannot_hook() -> None:
+    with pytest.raises(
+        ConfigError, match=r"model.fp32_residual: Identity lacks .*Fix: model.fp32_residual=false"
+    ):
+        keep_fp32_residual(_NoLayers(), torch.bfloat16)  # type: ignore[arg-type]
