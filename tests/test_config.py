@@ -90,3 +90,12 @@ def test_fsdp_preset_stores_4bit_weights_in_the_compute_dtype() -> None:
     assert schema.model.bnb_4bit_quant_storage == schema.model.bnb_4bit_compute_dtype == "bfloat16"
     with pytest.raises(ConfigError, match=r"model\.bnb_4bit_quant_storage"):
         to_schema(compose_config("experiment=fsdp_qlora", "model.bnb_4bit_compute_dtype=float16"))
+
+
+def test_gemma2_gpu_preset_is_the_benchmarked_defaults_row() -> None:
+    schema = to_schema(compose_config("experiment=gemma2_9b_gpu"))
+    assert schema.model.name_or_path == "google/gemma-2-9b-it"
+    assert (schema.model.attn_implementation, schema.model.use_liger_kernel) == ("flex_attention", True)
+    assert (schema.model.upcast_unquantized_params, schema.model.fp32_residual) == (False, True)
+    assert schema.data.packing == "padding_free"
+    assert (schema.trainer.per_device_train_batch_size, schema.trainer.gradient_accumulation_steps) == (32, 1)
