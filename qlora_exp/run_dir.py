@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 from importlib import metadata
@@ -137,21 +138,26 @@ class RunDirectory:
         self._lock.unlink(missing_ok=True)
 
     def _claim(self) -> None:
-        # O_EXCL makes two processes that picked the same directory fail instead of sharing it.
+        # O_EXCL makes two processes that picked the same directory fail instead of sharing it. The
+        # lock names its process and host ("PID HOST"): a process id means something only on its own
+        # host, and a cluster may requeue a job onto another node of the same shared filesystem.
+        here = socket.gethostname()
         try:
             fd = os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            holder = self._lock.read_text().strip() or "?"
-            if holder.isdigit() and _pid_alive(int(holder)):
+            pid, _, host = self._lock.read_text().strip().partition(" ")
+            host = host or here  # a lock of an older version names no host
+            if host == here and pid.isdigit() and _pid_alive(int(pid)):
                 raise RunDirectoryError(
-                    f"run directory {self.path} is in use by process {holder}. "
+                    f"run directory {self.path} is in use by process {pid}. "
                     "Fix: wait for it, or choose another hydra.run.dir"
                 ) from None
-            log.warning("removing stale lock of dead process %s in %s", holder, self.path)
+            owner = f"dead process {pid}" if host == here else f"process {pid} of host {host}"
+            log.warning("removing the lock left by %s in %s", owner, self.path)
             self._lock.unlink(missing_ok=True)
             fd = os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
+            handle.write(f"{os.getpid()} {here}")
 
     def file(self, name: str) -> Path:
         """Path of a file inside the run directory."""

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -237,7 +238,19 @@ def test_run_directory_held_by_a_live_process_is_refused(tmp_path: Path) -> None
     )
     (tmp_path / ".run.lock").write_text(dead.stdout.strip())
     with RunDirectory(tmp_path):
-        assert (tmp_path / ".run.lock").read_text() == str(os.getpid())
+        assert (tmp_path / ".run.lock").read_text() == f"{os.getpid()} {socket.gethostname()}"
+
+
+def test_a_lock_from_another_host_does_not_block_a_requeued_job(tmp_path: Path) -> None:
+    # A job requeued onto another node finds the lock its killed predecessor left on the shared
+    # filesystem; that pid may well be alive here, as another process.
+    (tmp_path / ".run.lock").write_text(f"{os.getpid()} some-other-node")
+    with RunDirectory(tmp_path):
+        assert (tmp_path / ".run.lock").read_text() == f"{os.getpid()} {socket.gethostname()}"
+    with pytest.raises(RunDirectoryError, match="in use"):
+        (tmp_path / ".run.lock").write_text(f"{os.getpid()} {socket.gethostname()}")
+        with RunDirectory(tmp_path):
+            pass
 
 
 def _control() -> TrainerControl:

@@ -121,7 +121,7 @@ def test_preempted_submitit_job_is_requeued_and_resumes_from_its_checkpoint(tmp_
         f"hydra.sweep.dir={sweep_dir}",
     )
     job_dir = wait_for_checkpoint(sweep_dir, sweep)
-    job_pid = int((job_dir / ".run.lock").read_text())  # the job's process holds its run directory
+    job_pid = int((job_dir / ".run.lock").read_text().split()[0])  # "PID HOST" of the job's process
     os.kill(job_pid, signal.SIGUSR2)  # what submitit's `job._interrupt()` and SLURM send
     output = sweep.communicate(timeout=300)[0]
     assert sweep.returncode == 0, output[-3000:]
