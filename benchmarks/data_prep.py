@@ -149,8 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     disable_progress_bars()
-    for noisy in ("qlora_exp.data", "qlora_exp.data_cache"):  # their per-run summaries; the table says it
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The DataModule's per-setup summary and drop warnings: the table's rows and kept columns say it.
+    for noisy in ("qlora_exp.data", "qlora_exp.data_cache"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     path = args.data or alpaca_file(args.rows, args.seed, args.median_tokens, args.sigma, args.max_length)
     tokenizer_dirs = {
         "tiny": resolve_embedded("embedded:tiny-gemma2"),
