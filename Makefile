@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 NPROC ?= 2
 
-.PHONY: help install train smoke train-ddp train-fsdp test test-fast lint bench clean
+.PHONY: help install train smoke train-ddp train-fsdp test test-fast lint bench bench-data clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ lint: install  ## ruff and mypy
 
 bench: install  ## trainer settings side by side (GPU: Gemma-2-9B shape; CPU: tiny); ARGS="..." adds options
 	$(BIN)/qlora-bench $(ARGS)
+
+bench-data: install  ## CPU data pipeline throughput (alpaca rows -> template -> tokenize -> mask -> pack); ARGS="..."
+	$(BIN)/python benchmarks/data_prep.py $(ARGS)
 
 clean:  ## remove run outputs and caches (not the venv, not the embedded model cache)
 	rm -rf outputs multirun .pytest_cache .ruff_cache .mypy_cache

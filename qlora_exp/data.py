@@ -39,7 +39,7 @@ from qlora_exp.tokenization import (
     IGNORE_INDEX,
     OVER_LENGTH,
     Encoded,
-    encode_conversation,
+    encode_conversations,
     resolve_chat_template,
     tokenize_conversation,
 )
@@ -224,8 +224,9 @@ class DataModule:
         val_encoded = self._encode(val, "validation")
         self.stats.train_rows, self.stats.val_rows = len(train_encoded), len(val_encoded)
         self.stats.lengths = [len(e.input_ids) for e in train_encoded]
+        # labels[0] is never a target (shifted away); list.count keeps this off the per-token Python path.
         self.stats.target_tokens = sum(
-            sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in train_encoded
+            len(e.labels) - 1 - e.labels[1:].count(IGNORE_INDEX) for e in train_encoded
         )
         train_dataset = self._dataset(train_encoded)
         self.stats.batch_rows = len(train_dataset)
@@ -245,14 +246,14 @@ class DataModule:
 
     def _encode(self, conversations: list[tuple[Conversation, str]], split: str) -> list[Encoded]:
         kept = []
-        for conversation, origin in conversations:
-            result = encode_conversation(
-                conversation,
-                self.tokenizer,
-                self.cfg.max_length,
-                self.cfg.overlength,
-                self.cfg.train_on_prompt,
-            )
+        results = encode_conversations(
+            [conversation for conversation, _ in conversations],
+            self.tokenizer,
+            self.cfg.max_length,
+            self.cfg.overlength,
+            self.cfg.train_on_prompt,
+        )
+        for (_, origin), result in zip(conversations, results, strict=True):
             if isinstance(result, Drop):
                 if result.reason == OVER_LENGTH and self.cfg.overlength == "error":
                     raise DataError(

@@ -109,12 +109,16 @@ def resolve_embedded(name_or_path: str) -> Path:
     return target
 
 
-def train_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on the built-in data, with Gemma's special tokens."""
-    corpus = [
-        f"{row['instruction']}\n{row['input']}\n{row['output']}"
-        for row in generate_synthetic_examples(4000, seed=seed, zh_fraction=0.5)
-    ]
+def train_tokenizer(
+    vocab_size: int, seed: int = 0, corpus: list[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `corpus` (default: the built-in data), with Gemma's special
+    tokens and turn template."""
+    if corpus is None:
+        corpus = [
+            f"{row['instruction']}\n{row['input']}\n{row['output']}"
+            for row in generate_synthetic_examples(4000, seed=seed, zh_fraction=0.5)
+        ]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(

@@ -15,10 +15,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import cast
 
 from jinja2.exceptions import TemplateError
-from transformers import BatchEncoding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from qlora_exp.data_formats import Conversation, Drop, Message
 from qlora_exp.embedded_model import GEMMA_CHAT_TEMPLATE
@@ -84,27 +83,53 @@ def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, setting: str | Non
     return str(tokenizer.chat_template)
 
 
-def _render_ids(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool
-) -> list[int]:
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
-    )
-    return list(cast(BatchEncoding, encoded)["input_ids"])  # return_dict=True: a BatchEncoding
+ENCODE_BATCH_SIZE = 256  # conversations whose template renderings are tokenized in one call
+Rendered = list[int] | TemplateError  # a rendering's ids, or the template's refusal of that prefix
 
 
-def tokenize_conversation(
-    messages: list[Message], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool = False
+def _template_texts(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], train_on_prompt: bool
+) -> list[str | TemplateError]:
+    """The renderings masking compares: the whole conversation, then for each assistant turn the prompt
+    before it (with the generation prompt) and the conversation up to it. A refused rendering is kept
+    as its error and raised when masking reaches it, as rendering turn by turn would."""
+
+    def render(prefix: list[Message], generation_prompt: bool) -> str | TemplateError:
+        try:
+            return str(
+                tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
+            )
+        except TemplateError as exc:
+            return exc
+
+    whole = render(messages, False)
+    texts = [whole]
+    if train_on_prompt or isinstance(whole, TemplateError):
+        return texts
+    for turn, message in enumerate(messages):
+        if message["role"] == "assistant":
+            last = turn == len(messages) - 1  # up to the last turn is the whole: not rendered again
+            texts += [render(messages[:turn], True), whole if last else render(messages[: turn + 1], False)]
+    return texts
+
+
+def _labelled(
+    messages: list[Message], rendered: list[Rendered], train_on_prompt: bool
 ) -> dict[str, list[int]]:
-    """Ids of the rendered conversation; labels: ids on assistant turns (end of turn included), else -100."""
-    input_ids = _render_ids(tokenizer, messages, generation_prompt=False)
+    """Ids of the whole rendering; labels: ids on assistant turns (end of turn included), else -100."""
+
+    def ids(index: int) -> list[int]:
+        result = rendered[index]
+        if isinstance(result, TemplateError):
+            raise result
+        return result
+
+    input_ids = ids(0)
     labels = list(input_ids) if train_on_prompt else [IGNORE_INDEX] * len(input_ids)
     if not train_on_prompt:
-        for turn, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompt = _render_ids(tokenizer, messages[:turn], generation_prompt=True)
-            upto = _render_ids(tokenizer, messages[: turn + 1], generation_prompt=False)
+        assistant_turns = [turn for turn, message in enumerate(messages) if message["role"] == "assistant"]
+        for index, turn in enumerate(assistant_turns):
+            prompt, upto = ids(1 + 2 * index), ids(2 + 2 * index)
             if input_ids[: len(upto)] != upto or upto[: len(prompt)] != prompt:
                 raise TemplateMismatch(
                     f"the chat template renders the conversation up to turn {turn} unlike the whole "
@@ -113,6 +138,37 @@ def tokenize_conversation(
                 )
             labels[len(prompt) : len(upto)] = input_ids[len(prompt) : len(upto)]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def _tokenize_templated(
+    conversations: list[list[Message]], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool
+) -> list[dict[str, list[int]] | TemplateMismatch | TemplateError]:
+    """`tokenize_conversation` for many, each result or its error. Every distinct rendering of the batch
+    is tokenized in one call: the Rust tokenizer encodes a batch on all cores, without the per-call
+    overhead that dominated tokenizing each rendering on its own (see BENCHMARKS.md, CPU data pipeline)."""
+    texts = [_template_texts(tokenizer, messages, train_on_prompt) for messages in conversations]
+    distinct = list(dict.fromkeys(text for group in texts for text in group if isinstance(text, str)))
+    # add_special_tokens=False: what apply_chat_template(tokenize=True) passes (the template writes them).
+    encoded = tokenizer(distinct, add_special_tokens=False)["input_ids"] if distinct else []
+    ids = dict(zip(distinct, encoded, strict=True))
+    results: list[dict[str, list[int]] | TemplateMismatch | TemplateError] = []
+    for messages, group in zip(conversations, texts, strict=True):
+        rendered = [text if isinstance(text, TemplateError) else list(ids[text]) for text in group]
+        try:
+            results.append(_labelled(messages, rendered, train_on_prompt))
+        except (TemplateMismatch, TemplateError) as exc:
+            results.append(exc)
+    return results
+
+
+def tokenize_conversation(
+    messages: list[Message], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool = False
+) -> dict[str, list[int]]:
+    """Ids of the rendered conversation; labels: ids on assistant turns (end of turn included), else -100."""
+    result = _tokenize_templated([messages], tokenizer, train_on_prompt)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def tokenize_by_offsets(
@@ -199,6 +255,40 @@ def _warn_locating_turns(template: str) -> None:
     )
 
 
+def encode_conversations(
+    conversations: list[Conversation],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    overlength: str,
+    train_on_prompt: bool,
+) -> list[Encoded | Drop]:
+    """Tokenize, mask and apply the length policy to each conversation (an `Encoded`, or why not),
+    tokenizing the template renderings of `ENCODE_BATCH_SIZE` conversations at a time."""
+    results: list[Encoded | Drop] = []
+    for start in range(0, len(conversations), ENCODE_BATCH_SIZE):
+        batch = conversations[start : start + ENCODE_BATCH_SIZE]
+        templated = iter(
+            _tokenize_templated([c.messages for c in batch if not c.raw], tokenizer, train_on_prompt)
+        )
+        for conversation in batch:
+            tokenized = (
+                tokenize_raw(conversation.messages, tokenizer, train_on_prompt)
+                if conversation.raw
+                else next(templated)
+            )
+            results.append(
+                _encoded_or_drop(
+                    conversation,
+                    tokenized,
+                    tokenizer,
+                    max_length=max_length,
+                    overlength=overlength,
+                    train_on_prompt=train_on_prompt,
+                )
+            )
+    return results
+
+
 def encode_conversation(
     conversation: Conversation,
     tokenizer: PreTrainedTokenizerBase,
@@ -207,13 +297,26 @@ def encode_conversation(
     train_on_prompt: bool,
 ) -> Encoded | Drop:
     """Tokenize, mask and apply the length policy (truncate, or an over_max_length Drop)."""
-    tokenize = tokenize_raw if conversation.raw else tokenize_conversation
+    return encode_conversations([conversation], tokenizer, max_length, overlength, train_on_prompt)[0]
+
+
+def _encoded_or_drop(
+    conversation: Conversation,
+    tokenized: dict[str, list[int]] | TemplateMismatch | TemplateError,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    overlength: str,
+    train_on_prompt: bool,
+) -> Encoded | Drop:
+    """The masked ids (turns located by offsets where the template is not prefix-consistent), cut or
+    dropped by the length policy; a Drop for what the template refuses or what cannot be masked."""
     try:
-        try:
-            encoded = tokenize(conversation.messages, tokenizer, train_on_prompt)
-        except TemplateMismatch:
+        if isinstance(tokenized, TemplateMismatch):
             _warn_locating_turns(str(tokenizer.chat_template))
-            encoded = tokenize_by_offsets(conversation.messages, tokenizer, train_on_prompt)
+            tokenized = tokenize_by_offsets(conversation.messages, tokenizer, train_on_prompt)
+        elif isinstance(tokenized, TemplateError):
+            raise tokenized
     except TemplateMismatch as exc:
         return Drop(TEMPLATE_INCONSISTENT, str(exc))
     except TemplateError as exc:  # the template's own checks (e.g. roles must alternate)
@@ -222,7 +325,7 @@ def encode_conversation(
             f"the chat template refused the conversation: {exc}. Fix: set data.chat_template to "
             "a template that accepts it (gemma folds a system turn into the first user turn)",
         )
-    input_ids, labels = encoded["input_ids"], encoded["labels"]
+    input_ids, labels = tokenized["input_ids"], tokenized["labels"]
     truncated = len(input_ids) > max_length
     if truncated:
         if overlength != "truncate":  # the DataModule raises for `error`, naming the row
