@@ -153,7 +153,7 @@ class RunDirectory:
                     "Fix: wait for it, or choose another hydra.run.dir"
                 ) from None
             owner = f"dead process {pid}" if host == here else f"process {pid} of host {host}"
-            log.warning("removing the lock left by %s in %s", owner, self.path)
+            log.warning("removing stale lock left by %s in %s", owner, self.path)
             self._lock.unlink(missing_ok=True)
             fd = os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         with os.fdopen(fd, "w") as handle:
