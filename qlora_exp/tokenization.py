@@ -32,6 +32,7 @@ OVER_LENGTH = "over_max_length"
 NO_TRAINABLE_TOKENS = "no_trainable_tokens"
 TEMPLATE_INCONSISTENT = "template_inconsistent"
 TEMPLATE_ERROR = "template_error"
+ASSISTANT_FIRST = "assistant_first"
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -53,6 +54,10 @@ FALLBACK_TEMPLATE = "chatml"
 
 class TemplateMismatch(DataError):
     """The template renders a conversation's prefix differently from the whole: masking would be wrong."""
+
+
+class AssistantFirst(TemplateError):
+    """The conversation opens with an assistant turn: there is no prompt before it to render."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ def _template_texts(
     as its error and raised when masking reaches it, as rendering turn by turn would."""
 
     def render(prefix: list[Message], generation_prompt: bool) -> str | TemplateError:
+        if not prefix:  # transformers refuses to render an empty conversation
+            return AssistantFirst("the conversation opens with an assistant turn")
         try:
             return str(
                 tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
@@ -319,6 +326,12 @@ def _encoded_or_drop(
             raise tokenized
     except TemplateMismatch as exc:
         return Drop(TEMPLATE_INCONSISTENT, str(exc))
+    except AssistantFirst as exc:
+        return Drop(
+            ASSISTANT_FIRST,
+            f"{exc}, so no prompt precedes it. Fix: remove that opening turn or make it a system turn "
+            "in the data, or set data.train_on_prompt=true to train on the whole conversation",
+        )
     except TemplateError as exc:  # the template's own checks (e.g. roles must alternate)
         return Drop(
             TEMPLATE_ERROR,

@@ -6,7 +6,9 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qlora_exp.data import IGNORE_INDEX, alpaca_to_messages, tokenize_conversation
+from qlora_exp.data_formats import Conversation, Drop
 from qlora_exp.embedded_model import resolve_embedded
+from qlora_exp.tokenization import ASSISTANT_FIRST, Encoded, encode_conversation
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,24 @@ def test_train_on_prompt_trains_every_token(tokenizer: PreTrainedTokenizerBase) 
     messages = alpaca_to_messages({"instruction": "Reverse it.", "input": "abc", "output": "cba"})
     encoded = tokenize_conversation(messages, tokenizer, train_on_prompt=True)
     assert encoded["labels"] == encoded["input_ids"]
+
+
+def test_a_conversation_opening_with_the_assistant_is_dropped_with_the_fix(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    opening = Conversation(
+        [
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "What is 1 + 1?"},
+            {"role": "assistant", "content": "2"},
+        ]
+    )
+    dropped = encode_conversation(opening, tokenizer, 512, "drop", train_on_prompt=False)
+    assert isinstance(dropped, Drop) and dropped.reason == ASSISTANT_FIRST
+    assert "Fix:" in dropped.detail and "data.train_on_prompt=true" in dropped.detail
+    # Trained on the whole text instead, it needs no prompt and is kept.
+    kept = encode_conversation(opening, tokenizer, 512, "drop", train_on_prompt=True)
+    assert isinstance(kept, Encoded) and kept.labels == kept.input_ids
 
 
 def test_rows_with_empty_fields_are_not_conversations() -> None:
