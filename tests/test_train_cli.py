@@ -108,3 +108,23 @@ def test_default_run_learns(tmp_path: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.5
     assert list((run_dir / "wandb").glob("offline-run-*")), "offline W&B files live in the run directory"
+
+
+@pytest.mark.slow
+def test_bf16_weights_with_an_fp32_residual_train_evaluate_and_generate(tmp_path: Path) -> None:
+    """`model.fp32_residual` (the Gemma-2 preset's precision) through a whole run on the CPU."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "qlora-train",
+        "experiment=smoke",
+        "model.bnb_4bit_compute_dtype=bfloat16",
+        "model.upcast_unquantized_params=false",
+        "model.fp32_residual=true",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    samples = (run_dir / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == metrics["exact_match_samples"] > 0  # generation ran through the hooks
+    assert yaml.safe_load((run_dir / "resolved_config.yaml").read_text())["model"]["fp32_residual"] is True
