@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 
 class ExitCode(IntEnum):
@@ -59,3 +60,15 @@ class PreemptedError(QloraError):
     """A preemption signal arrived; a checkpoint was saved and the same command resumes the run."""
 
     exit_code = ExitCode.PREEMPTED
+
+
+class RequeuedExit(SystemExit):
+    """submitit's own exit after it requeued the job (same exit code), with a reason that the run
+    directory's FAILED marker shows until the requeued job reopens the directory."""
+
+    def __init__(self, code: Any, reason: str) -> None:
+        super().__init__(code)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason

@@ -19,7 +19,7 @@ from submitit import JobEnvironment
 from submitit.core.utils import UncompletedJobError
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from qlora_exp.errors import NumericalError, PreemptedError
+from qlora_exp.errors import NumericalError, PreemptedError, RequeuedExit
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,6 @@ def submitit_signal() -> signal.Signals | None:
     if not os.environ.get("SUBMITIT_EXECUTOR"):
         return None
     return signal.Signals["SIG" + JobEnvironment.USR_SIG]
-
-
-class RequeuedExit(SystemExit):
-    """submitit's own exit after it requeued the job (same exit code), with a reason that the run
-    directory's FAILED marker shows until the requeued job reopens the directory."""
-
-    def __init__(self, code: Any, reason: str) -> None:
-        super().__init__(code)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason
 
 
 class PreemptionCallback(TrainerCallback):

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from qlora_exp.distributed import is_main_process
-from qlora_exp.errors import RunDirectoryError
+from qlora_exp.errors import RequeuedExit, RunDirectoryError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,9 @@ class RunDirectory:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if not self.writer:
             return
-        if exc is not None:
+        if isinstance(exc, RequeuedExit):  # not a failure: the job runs again and resumes
+            self.mark_failed(str(exc), requeued=True)
+        elif exc is not None:
             self.mark_failed(f"{type(exc).__name__}: {exc}")
         self._lock.unlink(missing_ok=True)
 
@@ -200,13 +202,17 @@ class RunDirectory:
             return
         (self.path / COMPLETED).write_text("ok\n", encoding="utf-8")
 
-    def mark_failed(self, reason: str) -> None:
-        """Mark the run FAILED with its reason (the adapter, if any, is not a result)."""
+    def mark_failed(self, reason: str, requeued: bool = False) -> None:
+        """Mark the run FAILED with its reason (the adapter, if any, is not a result). A `requeued`
+        run carries the marker only until its requeued job reopens the directory."""
         if not self.writer:
             return
         (self.path / COMPLETED).unlink(missing_ok=True)
         (self.path / FAILED).write_text(reason.strip() + "\n", encoding="utf-8")
-        log.error("run FAILED: %s (marked in %s)", reason, self.path)
+        if requeued:
+            log.warning("run %s; it resumes when the job runs again (FAILED until then)", reason)
+        else:
+            log.error("run FAILED: %s (marked in %s)", reason, self.path)
 
 
 def redact_arg(arg: str) -> str:

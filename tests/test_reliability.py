@@ -32,7 +32,14 @@ from qlora_exp.checkpoint import (
     verify_checkpoint,
     write_manifest,
 )
-from qlora_exp.errors import ConfigError, ExitCode, NumericalError, PreemptedError, RunDirectoryError
+from qlora_exp.errors import (
+    ConfigError,
+    ExitCode,
+    NumericalError,
+    PreemptedError,
+    RequeuedExit,
+    RunDirectoryError,
+)
 from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, oom_advice
 from qlora_exp.redaction import SecretLogFilter, redact_hydra_files, scrub
 from qlora_exp.resume import changed_settings, prepare_resume
@@ -239,6 +246,19 @@ def test_run_directory_held_by_a_live_process_is_refused(tmp_path: Path) -> None
     (tmp_path / ".run.lock").write_text(dead.stdout.strip())
     with RunDirectory(tmp_path):
         assert (tmp_path / ".run.lock").read_text() == f"{os.getpid()} {socket.gethostname()}"
+
+
+def test_a_requeued_job_is_marked_until_it_resumes_and_is_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    reason = "requeued by submitit after SIGUSR2: checkpoint saved at step 3 of 6"
+    with pytest.raises(RequeuedExit), caplog.at_level(logging.WARNING), RunDirectory(tmp_path):
+        raise RequeuedExit(144, reason)
+    assert (tmp_path / "FAILED").read_text() == reason + "\n"
+    assert not (tmp_path / ".run.lock").exists()
+    assert [r.levelname for r in caplog.records if reason in r.getMessage()] == ["WARNING"]
+    with RunDirectory(tmp_path):  # the requeued job reopens the directory: the marker goes
+        assert not (tmp_path / "FAILED").exists()
 
 
 def test_a_lock_from_another_host_does_not_block_a_requeued_job(tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ from submitit.core.utils import DelayedSubmission, JobPaths
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE, LocalJobEnvironment
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from qlora_exp.errors import PreemptedError
-from qlora_exp.guards import PreemptionCallback, RequeuedExit, submitit_signal
+from qlora_exp.errors import PreemptedError, RequeuedExit
+from qlora_exp.guards import PreemptionCallback, submitit_signal
 from tests.test_resume import start_cli
 
 LAUNCHER_ARGS = (["lora.r=8"], "hydra.sweep.dir", 0, "job_id_for_0", {})
@@ -136,6 +136,9 @@ def test_preempted_submitit_job_is_requeued_and_resumes_from_its_checkpoint(tmp_
     )
     resumed = re.search(r"resuming .* from .*/checkpoint-(\d+)\n", log)
     assert saved and resumed, log[-3000:]
+    assert (
+        "run FAILED" not in log and "run requeued by submitit after SIGUSR2: checkpoint saved at step" in log
+    )
     step = int(resumed.group(1))
     assert 0 < step < max_steps and step == int(saved.group(1))
     # The requeued job trained only the remaining steps: every checkpoint it saved comes later.
