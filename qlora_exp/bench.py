@@ -99,6 +99,7 @@ class Setting:
     use_liger_kernel: bool
     upcast_unquantized_params: bool = True
     fp32_residual: bool = False
+    optim: str | None = None  # None: --optim
     # The prototype's way: an optimizer step after every micro-batch instead of accumulating the
     # step's examples. Its losses are then those of other optimizer steps and are not compared.
     step_every_micro_batch: bool = False
@@ -255,10 +256,13 @@ def parse_setting(spec: str, base: Setting) -> Setting:
             changes["upcast_unquantized_params"] = value == "1"
         elif key == "fp32_residual" and value in ("0", "1"):
             changes["fp32_residual"] = value == "1"
+        elif key == "optim" and value:
+            changes["optim"] = value
         else:
             raise ConfigError(
                 f"--extra {spec!r}: cannot read {item!r}. "
-                "Fix: keys are layout=, micro_batch=N, attn=, liger=0|1, upcast=0|1, fp32_residual=0|1"
+                "Fix: keys are layout=, micro_batch=N, attn=, liger=0|1, upcast=0|1, fp32_residual=0|1, "
+                "optim=NAME"
             )
     return replace(base, **changes)
 
@@ -425,7 +429,7 @@ def run_setting(
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        optim=args.optim,
+        optim=setting.optim or args.optim,
         logging_steps=1,
         train_sampling_strategy="sequential",
     )
@@ -514,11 +518,11 @@ def markdown_table(results: list[SettingResult], loss_steps: int) -> str:
     speed_ref = pick(results, "prototype", lambda r: bool(r.real_tokens_per_s))
     loss_ref = pick(results, "baseline", lambda r: bool(r.mean_loss_first_k))
     header = (
-        "| setting | layout | micro-batch x accumulation | attention | Liger | unquantized params | "
+        "| setting | layout | micro-batch x accumulation | attention | Liger | unquantized params | optimizer | "
         f"real tokens/s | x {speed_ref.setting.name if speed_ref else 'n/a'} "
         f"| MFU | peak GPU memory (GiB) | mean loss, first {loss_steps} steps "
         f"| loss vs {loss_ref.setting.name if loss_ref else 'n/a'} |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in results:
@@ -528,7 +532,7 @@ def markdown_table(results: list[SettingResult], loss_steps: int) -> str:
         )
         lead = (
             f"| {s.name} | {s.layout} | {accumulation} | {s.attn_implementation} | "
-            f"{_on(s.use_liger_kernel)} | {_precision(s)} | "
+            f"{_on(s.use_liger_kernel)} | {_precision(s)} | {s.optim} | "
         )
         if r.error:
             rows.append(f"{lead}{r.error} | | | | | |")
@@ -632,7 +636,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         help="another setting as a variant of defaults: NAME:key=value,... "
-        "(layout=, micro_batch=N, attn=, liger=0|1, upcast=0|1); may repeat",
+        "(layout=, micro_batch=N, attn=, liger=0|1, upcast=0|1, fp32_residual=0|1, optim=NAME"
+        "); may repeat",
     )
     parser.add_argument(
         "--examples-per-step",
@@ -691,6 +696,7 @@ def select_settings(args: argparse.Namespace, model_cfg: ModelConfig) -> list[Se
             raise ConfigError(f"--settings: unknown {name!r}. Fix: choose from {', '.join(standard)}")
         settings.append(standard[name])
     settings += [parse_setting(spec, standard["defaults"]) for spec in args.extra]
+    settings = [replace(s, optim=s.optim or args.optim) for s in settings]
     if not settings:
         raise ConfigError("no settings to run. Fix: pass --settings and/or --extra")
     for s in settings:

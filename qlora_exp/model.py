@@ -156,25 +156,34 @@ def _to_float32(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) ->
 
 
 def keep_fp32_residual(model: PreTrainedModel, compute_dtype: torch.dtype) -> list[RemovableHandle]:
-    """Hooks that keep the residual stream and the MLPs in fp32, weights in `compute_dtype`; returns them.
+    """Hooks that keep the residual stream in fp32 and everything else in `compute_dtype`; returns them.
 
     Written here because neither peft nor transformers offers it. peft's k-bit preparation gets an
-    fp32 residual only by upcasting the embedding matrix, which also makes every activation fp32:
-    the tied LM head becomes an fp32 matmul and flex attention runs in fp32. Under bf16 autocast
-    that buys nothing for attention, whose matmuls round q, k and v to bf16 anyway; what it keeps
-    is LoRA's small early updates in the fp32 sums (residual adds, the MLP's gate * up product).
-    So: the embedding output is cast to fp32; each layer's attention input (`input_layernorm`'s
-    output), the rotary cos/sin and the final norm's output (the LM head's input) go to
-    `compute_dtype`.
+    fp32 residual only by upcasting the embedding matrix, which makes every activation fp32: the
+    tied LM head becomes an fp32 matmul, flex attention and the MLP run in fp32, and every 4-bit
+    matmul casts its input down and its output back up. Under bf16 autocast that buys nothing
+    inside a block: the matmuls round their inputs to bf16 anyway. What fp32 does keep is LoRA's
+    small early updates (B starts at zero, so its first contributions sit far below bf16's
+    resolution): they survive where a LoRA output is added to an fp32 base output and that sum
+    goes into the fp32 residual. So:
+      - the embedding output is cast to fp32 (the residual stream);
+      - each block's attention input (`input_layernorm`'s output) and MLP input, the rotary cos/sin
+        and the final norm's output (the LM head's input) go to `compute_dtype`;
+      - the projections that write into the residual (`self_attn.o_proj`, `mlp.down_proj`) return
+        fp32, so peft adds their LoRA outputs in fp32 and the norms after them see fp32.
     """
     decoder = model.get_decoder()
-    layers = getattr(decoder, "layers", [])
-    modules = [getattr(decoder, "norm", None), getattr(decoder, "rotary_emb", None)]
-    modules += [getattr(layer, "input_layernorm", None) for layer in layers]
-    if not layers or not all(isinstance(m, torch.nn.Module) for m in modules):
+    layers = list(getattr(decoder, "layers", []))
+    to_compute = [getattr(decoder, "norm", None), getattr(decoder, "rotary_emb", None)]
+    to_compute += [getattr(layer, "input_layernorm", None) for layer in layers]
+    mlps = [getattr(layer, "mlp", None) for layer in layers]
+    writers = [getattr(getattr(layer, "self_attn", None), "o_proj", None) for layer in layers]
+    writers += [getattr(mlp, "down_proj", None) for mlp in mlps]
+    if not layers or not all(isinstance(m, torch.nn.Module) for m in to_compute + mlps + writers):
         raise ConfigError(
-            f"model.fp32_residual: {type(decoder).__name__} lacks the `norm`, `rotary_emb` and "
-            "`layers[i].input_layernorm` modules this switch hooks. Fix: model.fp32_residual=false, or "
+            f"model.fp32_residual: {type(decoder).__name__} lacks the `norm`, `rotary_emb`, "
+            "`layers[i].input_layernorm`, `layers[i].self_attn.o_proj` and `layers[i].mlp.down_proj` "
+            "modules this switch hooks. Fix: model.fp32_residual=false, or "
             "model.upcast_unquantized_params=true for fp32 activations throughout"
         )
 
@@ -183,8 +192,15 @@ def keep_fp32_residual(model: PreTrainedModel, compute_dtype: torch.dtype) -> li
             return tuple(t.to(compute_dtype) for t in output)
         return output.to(compute_dtype)
 
+    def input_to_compute_dtype(module: torch.nn.Module, args: tuple) -> tuple:
+        return tuple(a.to(compute_dtype) if torch.is_tensor(a) else a for a in args)
+
     handles = [model.get_input_embeddings().register_forward_hook(_to_float32)]
-    handles += [m.register_forward_hook(to_compute_dtype) for m in modules if m is not None]
+    handles += [m.register_forward_hook(to_compute_dtype) for m in to_compute]
+    handles += [m.register_forward_pre_hook(input_to_compute_dtype) for m in mlps]
+    # On the 4-bit module itself (peft's `base_layer` once LoRA wraps it), so that the LoRA output
+    # is added to an fp32 result.
+    handles += [getattr(m, "base_layer", m).register_forward_hook(_to_float32) for m in writers]
     return handles
 
 

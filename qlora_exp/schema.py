@@ -53,10 +53,11 @@ class ModelConfig:
     # to fp32, which puts the whole residual stream in fp32. false casts them back to the compute
     # dtype: less memory and fewer dtype conversions per layer (Liger's RMSNorm still sums in fp32).
     upcast_unquantized_params: bool = True
-    # With upcast_unquantized_params=false: keep the residual stream (the embedding output and every
-    # layer's sum) and the MLPs in fp32 while the weights, attention and the LM head's input stay in
-    # the compute dtype. LoRA's small early updates survive the fp32 sums, as with the fp32 upcast,
-    # without fp32 embeddings, an fp32 LM head, fp32 attention or their memory. BENCHMARKS.md.
+    # With upcast_unquantized_params=false: keep the residual stream (the embedding output, every
+    # layer's sums and the outputs of the projections that write into it) in fp32 while the weights,
+    # attention, the MLPs and the LM head's input stay in the compute dtype. LoRA's small early
+    # updates survive the fp32 sums, as with the fp32 upcast, without fp32 embeddings, an fp32 LM
+    # head, fp32 blocks or their memory. BENCHMARKS.md.
     fp32_residual: bool = False
 
     def __post_init__(self) -> None:

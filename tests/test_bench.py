@@ -41,18 +41,21 @@ def test_standard_settings_are_prototype_baseline_and_the_presets_defaults() -> 
 
 def test_parse_setting_overrides_only_what_it_names() -> None:
     defaults = standard_settings(GEMMA, 32)[2]
-    variant = parse_setting("no_liger:liger=0,micro_batch=16,upcast=1,fp32_residual=1", defaults)
+    variant = parse_setting(
+        "no_liger:liger=0,micro_batch=16,upcast=1,fp32_residual=1,optim=adamw_torch", defaults
+    )
     assert variant.name == "no_liger"
     assert (
         variant.use_liger_kernel,
         variant.micro_batch,
         variant.upcast_unquantized_params,
         variant.fp32_residual,
-    ) == (False, 16, True, True)
+        variant.optim,
+    ) == (False, 16, True, True, "adamw_torch")
     assert variant.attn_implementation == defaults.attn_implementation
 
 
-@pytest.mark.parametrize("spec", ["nocolon", "x:liger=2", "x:colour=red", "x:micro_batch=many"])
+@pytest.mark.parametrize("spec", ["nocolon", "x:liger=2", "x:colour=red", "x:micro_batch=many", "x:optim="])
 def test_parse_setting_rejects_what_it_cannot_read(spec: str) -> None:
     with pytest.raises(ConfigError, match="--extra"):
         parse_setting(spec, standard_settings(GEMMA, 32)[2])
@@ -166,4 +169,5 @@ def test_bench_cli_runs_every_setting_on_identical_data(tmp_path: Path) -> None:
         assert setting["real_tokens_per_s"] > 0
         assert setting["step_real_tokens"] == report["settings"][0]["step_real_tokens"]
     assert "| prototype | pad_to_max | 1 x 1 (a step each) |" in (out / "bench.md").read_text()
+    assert "| fp32 | adamw_torch |" in (out / "bench.md").read_text()  # --optim's CPU default, per row
     assert "| defaults | padding_free | 2 x 1 |" in result.stdout

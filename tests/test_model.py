@@ -71,7 +71,7 @@ def test_adapter_weights_change_while_quantized_base_stays_frozen(smoke_schema: 
     assert all(torch.equal(base_before[id(m)], m.weight.data) for m in four_bit)
 
 
-def test_fp32_residual_keeps_the_sums_fp32_and_attention_in_the_compute_dtype(smoke_schema: Config) -> None:
+def test_fp32_residual_keeps_the_sums_fp32_and_the_blocks_in_the_compute_dtype(smoke_schema: Config) -> None:
     cfg = replace(
         smoke_schema.model,
         bnb_4bit_compute_dtype="bfloat16",
@@ -86,11 +86,19 @@ def test_fp32_residual_keeps_the_sums_fp32_and_attention_in_the_compute_dtype(sm
     )
     layer.self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.update(attention=o.dtype))
     layer.mlp.up_proj.register_forward_hook(lambda m, i, o: seen.update(mlp=o.dtype))
+    layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: seen.update(attention_out=o.dtype))
+    layer.mlp.down_proj.register_forward_hook(lambda m, i, o: seen.update(mlp_out=o.dtype))
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = base(input_ids=ids, labels=ids)
     assert base.get_input_embeddings().weight.dtype == torch.bfloat16  # no fp32 copy of the embeddings
-    assert seen == {"attention": torch.bfloat16, "mlp": torch.float32, "residual": torch.float32}
+    assert seen == {
+        "attention": torch.bfloat16,
+        "mlp": torch.bfloat16,
+        "attention_out": torch.float32,  # the projections that write into the residual
+        "mlp_out": torch.float32,
+        "residual": torch.float32,
+    }
     assert out.logits.dtype == torch.bfloat16  # the LM head runs in the compute dtype
 
     # peft's way (every unquantized parameter in fp32) gives the same loss up to bf16 rounding.
@@ -105,17 +113,17 @@ def test_fp32_residual_hooks_come_off_and_bf16_is_bf16_throughout(smoke_schema: 
     cfg = replace(smoke_schema.model, bnb_4bit_compute_dtype="bfloat16", upcast_unquantized_params=False)
     base = load_trainable_base(cfg)
     seen: dict[str, torch.dtype] = {}
-    base.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.update(mlp=o.dtype))
+    base.model.layers[0].register_forward_hook(lambda m, i, o: seen.update(residual=o.dtype))
     ids = torch.arange(1, 9).unsqueeze(0)
     hooks = keep_fp32_residual(base, torch.bfloat16)
     with torch.no_grad():
         base(input_ids=ids)
-    assert seen["mlp"] == torch.float32
+    assert seen["residual"] == torch.float32
     for hook in hooks:
         hook.remove()
     with torch.no_grad():
         base(input_ids=ids)
-    assert seen["mlp"] == torch.bfloat16
+    assert seen["residual"] == torch.bfloat16
 
 
 class _NoLayers(torch.nn.Module):
