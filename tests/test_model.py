@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from qlora_exp.errors import ConfigError
 from qlora_exp.model import (
+    attach_lora,
     build_lora_config,
     build_quantization_config,
     build_quantized_model,
@@ -145,3 +146,37 @@ def test_fp32_residual_refuses_an_architecture_it_cannot_hook() -> None:
         ConfigError, match=r"model.fp32_residual: Identity lacks .*Fix: model.fp32_residual=false"
     ):
         keep_fp32_residual(_NoLayers(), torch.bfloat16)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fp32_residual", [True, False])
+def test_a_tiny_lora_update_survives_only_in_the_fp32_residual(
+    smoke_schema: Config, fp32_residual: bool
+) -> None:
+    """Why the switch exists: LoRA's B starts at zero, so its first outputs sit far below bf16's
+    resolution. Added to a bf16 projection output they round away; added to the fp32 output of a
+    residual-writing projection (o_proj, down_proj) they reach the residual stream."""
+    cfg = replace(
+        smoke_schema.model,
+        bnb_4bit_compute_dtype="bfloat16",
+        upcast_unquantized_params=False,
+        fp32_residual=fp32_residual,
+        gradient_checkpointing=False,
+    )
+    model = attach_lora(load_trainable_base(cfg), replace(smoke_schema.lora, dropout=0.0)).eval()
+    writers = [
+        m for n, m in model.named_modules() if n.endswith(("o_proj", "down_proj")) and hasattr(m, "lora_B")
+    ]
+    seen: list[list[torch.Tensor]] = [[] for _ in writers]
+    for outputs, writer in zip(seen, writers, strict=True):
+        writer.register_forward_hook(lambda m, i, o, outputs=outputs: outputs.append(o.float()))
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=ids)  # B = 0: the base model
+        for writer in writers:
+            writer.lora_B["default"].weight.fill_(1e-7)  # outputs ~1e-6 of the base's: below bf16's 2^-9
+        model(input_ids=ids)
+    changed = torch.cat([(after != before).flatten() for before, after in seen]).float().mean().item()
+    if fp32_residual:
+        assert changed > 0.9, changed  # (a few outputs are exactly equal by chance)
+    else:
+        assert changed < 0.01, changed  # a rare output near zero can still round the other way
