@@ -518,8 +518,8 @@ def markdown_table(results: list[SettingResult], loss_steps: int) -> str:
     speed_ref = pick(results, "prototype", lambda r: bool(r.real_tokens_per_s))
     loss_ref = pick(results, "baseline", lambda r: bool(r.mean_loss_first_k))
     header = (
-        "| setting | layout | micro-batch x accumulation | attention | Liger | unquantized params | optimizer | "
-        f"real tokens/s | x {speed_ref.setting.name if speed_ref else 'n/a'} "
+        "| setting | layout | micro-batch x accumulation | attention | Liger | unquantized params "
+        f"| optimizer | real tokens/s | x {speed_ref.setting.name if speed_ref else 'n/a'} "
         f"| MFU | peak GPU memory (GiB) | mean loss, first {loss_steps} steps "
         f"| loss vs {loss_ref.setting.name if loss_ref else 'n/a'} |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"

@@ -9,6 +9,7 @@ from typing import Any
 
 import peft
 import torch
+from torch.torch_version import TorchVersion
 from torch.utils.hooks import RemovableHandle
 from transformers import (
     AutoConfig,
@@ -103,6 +104,24 @@ def check_attention(cfg: ModelConfig, source: str) -> None:
         )
 
 
+def flex_mask_compile_warning(attn_implementation: str, torch_version: str, cuda: bool) -> str | None:
+    """What to tell a user whose torch compiles flex block masks slowly; None when nothing.
+
+    transformers builds each flex mask with `create_block_mask(..., _compile=True)`. Before torch
+    2.13, inductor lowers its stable argsort to a Triton sort whose first compile can take many
+    minutes once a row spans more than 64 blocks of 128 tokens (pytorch/pytorch#182060); 2.13
+    runs that argsort in ATen. Measured on an H200 with torch 2.11: BENCHMARKS.md.
+    """
+    if attn_implementation != "flex_attention" or not cuda or TorchVersion(torch_version) >= "2.13":
+        return None
+    return (
+        f"model.attn_implementation=flex_attention with torch {torch_version}: the first step whose "
+        "micro-batch rows exceed ~8,192 tokens can spend many minutes compiling the block mask "
+        "(pytorch/pytorch#182060). Fix: torch>=2.13 (`make install` pins it), or keep the first "
+        "micro-batches at or under 8,192 tokens"
+    )
+
+
 def _device_map() -> dict[str, int | str] | None:
     if not torch.cuda.is_available():
         return None  # bitsandbytes quantizes on the CPU in place
@@ -116,6 +135,9 @@ def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
     """The base model in 4 bits, loaded as any hub model is (`from_pretrained`)."""
     source = resolve_source(cfg)
     check_attention(cfg, source)
+    warning = flex_mask_compile_warning(cfg.attn_implementation, torch.__version__, torch.cuda.is_available())
+    if warning:
+        log.warning("%s", warning)
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code=true: executing code shipped with %s", source)
     return AutoModelForCausalLM.from_pretrained(
@@ -155,6 +177,21 @@ def _to_float32(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) ->
     return output.float()
 
 
+def _submodule(root: Any, path: str) -> torch.nn.Module:
+    """`root.a.b` for path "a.b"; a ConfigError naming what `model.fp32_residual` misses otherwise."""
+    module = root
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    if not isinstance(module, torch.nn.Module):
+        raise ConfigError(
+            f"model.fp32_residual: {type(root).__name__} has no `{path}` module, which this switch "
+            "hooks (it knows Llama-style decoders: layers[i].input_layernorm, .self_attn.o_proj, "
+            ".mlp.down_proj). Fix: model.fp32_residual=false, or "
+            "model.upcast_unquantized_params=true for fp32 activations throughout"
+        )
+    return module
+
+
 def keep_fp32_residual(model: PreTrainedModel, compute_dtype: torch.dtype) -> list[RemovableHandle]:
     """Hooks that keep the residual stream in fp32 and everything else in `compute_dtype`; returns them.
 
@@ -173,19 +210,12 @@ def keep_fp32_residual(model: PreTrainedModel, compute_dtype: torch.dtype) -> li
         fp32, so peft adds their LoRA outputs in fp32 and the norms after them see fp32.
     """
     decoder = model.get_decoder()
-    layers = list(getattr(decoder, "layers", []))
-    to_compute = [getattr(decoder, "norm", None), getattr(decoder, "rotary_emb", None)]
-    to_compute += [getattr(layer, "input_layernorm", None) for layer in layers]
-    mlps = [getattr(layer, "mlp", None) for layer in layers]
-    writers = [getattr(getattr(layer, "self_attn", None), "o_proj", None) for layer in layers]
-    writers += [getattr(mlp, "down_proj", None) for mlp in mlps]
-    if not layers or not all(isinstance(m, torch.nn.Module) for m in to_compute + mlps + writers):
-        raise ConfigError(
-            f"model.fp32_residual: {type(decoder).__name__} lacks the `norm`, `rotary_emb`, "
-            "`layers[i].input_layernorm`, `layers[i].self_attn.o_proj` and `layers[i].mlp.down_proj` "
-            "modules this switch hooks. Fix: model.fp32_residual=false, or "
-            "model.upcast_unquantized_params=true for fp32 activations throughout"
-        )
+    layers = list(_submodule(decoder, "layers").children())
+    to_compute = [_submodule(decoder, "norm"), _submodule(decoder, "rotary_emb")]
+    to_compute += [_submodule(layer, "input_layernorm") for layer in layers]
+    mlps = [_submodule(layer, "mlp") for layer in layers]
+    writers = [_submodule(layer, "self_attn.o_proj") for layer in layers]
+    writers += [_submodule(layer, "mlp.down_proj") for layer in layers]
 
     def to_compute_dtype(module: torch.nn.Module, inputs: tuple, output: Any) -> Any:
         if isinstance(output, tuple):  # rotary embeddings: (cos, sin)

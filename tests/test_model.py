@@ -16,6 +16,7 @@ from qlora_exp.model import (
     build_quantization_config,
     build_quantized_model,
     check_attention,
+    flex_mask_compile_warning,
     keep_fp32_residual,
     load_trainable_base,
     resolve_source,
@@ -45,6 +46,14 @@ def test_sdpa_is_refused_for_gemma2_before_weights_load(smoke_schema: Config) ->
     smoke_schema.model.attn_implementation = "sdpa"
     with pytest.raises(ConfigError, match="soft-capping"):
         check_attention(smoke_schema.model, resolve_source(smoke_schema.model))
+
+
+def test_flex_attention_on_an_older_cuda_torch_warns_about_the_block_mask_compile() -> None:
+    warning = flex_mask_compile_warning("flex_attention", "2.11.0+cu130", cuda=True)
+    assert warning is not None and "pytorch/pytorch#182060" in warning and "Fix: torch>=2.13" in warning
+    assert flex_mask_compile_warning("flex_attention", "2.13.0+cu130", cuda=True) is None
+    assert flex_mask_compile_warning("flex_attention", "2.11.0", cuda=False) is None  # CPU: no Triton sort
+    assert flex_mask_compile_warning("eager", "2.11.0+cu130", cuda=True) is None
 
 
 def test_adapter_weights_change_while_quantized_base_stays_frozen(smoke_schema: Config) -> None:
@@ -143,7 +152,8 @@ class _NoLayers(torch.nn.Module):
 
 def test_fp32_residual_refuses_an_architecture_it_cannot_hook() -> None:
     with pytest.raises(
-        ConfigError, match=r"model.fp32_residual: Identity lacks .*Fix: model.fp32_residual=false"
+        ConfigError,
+        match=r"model.fp32_residual: Identity has no `layers` module.*Fix: model.fp32_residual=false",
     ):
         keep_fp32_residual(_NoLayers(), torch.bfloat16)  # type: ignore[arg-type]
 
