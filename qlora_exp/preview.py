@@ -30,7 +30,7 @@ def preview_data(cfg: Config, examples: int = 3) -> float:
     tokenizer = load_tokenizer(cfg.model)
     data = DataModule(cfg.data, tokenizer, cfg.seed, batch_size=cfg.trainer.per_device_train_batch_size)
     data.setup()
-    print(render_preview(data, cfg, examples))
+    print(render_preview(data, cfg, examples))  # the CLI's output: examples and a length table
     return math.nan
 
 
