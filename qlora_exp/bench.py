@@ -11,7 +11,9 @@ agree with the eager, unpacked `baseline`: speed must never change the math.
 
 The one exception is the `prototype` setting, which runs the prototype's way as it was: one
 example per micro-batch and an optimizer step after each (batch size 1, no accumulation). It
-sees the same examples but takes more optimizer steps, so its loss is not compared.
+takes more optimizer steps, so its loss is not compared, and it is timed on the first examples
+of the same order in groups of at most PROTOTYPE_EXAMPLES_PER_STEP: at ~1 s per example, its
+pace is steady within a few examples, and 4 x 64 of them would take most of the time budget.
 
 The loss of a step is the token mean over all of its examples whatever the micro-batching
 (the Trainer passes `num_items_in_batch` to the model's loss), so the per-step losses of the
@@ -75,6 +77,7 @@ BENCH_MODELS = {
 }
 LAYOUTS = ("pad_to_max", "dynamic_padding", "padding_free")
 PROTOTYPE_MAX_LENGTH = 512  # the prototype's data.max_length: its rows were padded to this
+PROTOTYPE_EXAMPLES_PER_STEP = 16  # the prototype's timing group (module docstring)
 # Dense bf16 peak of an H100/H200 SXM by NVIDIA's datasheet; KINDS.md measured ~790 on this H200.
 DEFAULT_PEAK_TFLOPS = 989.0
 FLOP_FORMULA = (
@@ -100,13 +103,19 @@ class Setting:
     upcast_unquantized_params: bool = True
     fp32_residual: bool = False
     optim: str | None = None  # None: --optim
+    examples_per_step: int | None = None  # None: --examples-per-step
     # The prototype's way: an optimizer step after every micro-batch instead of accumulating the
     # step's examples. Its losses are then those of other optimizer steps and are not compared.
     step_every_micro_batch: bool = False
     description: str = ""
 
+    def steps_of(self, examples_per_step: int) -> int:
+        """Examples per bench step for this setting: its own, or the run's."""
+        return self.examples_per_step or examples_per_step
+
     def validate(self, examples_per_step: int) -> None:
         """Refuse settings that cannot run the common steps, naming the fix."""
+        examples_per_step = self.steps_of(examples_per_step)
         if self.layout not in LAYOUTS:
             raise ConfigError(
                 f"setting {self.name}: layout {self.layout!r}. Fix: use one of {', '.join(LAYOUTS)}"
@@ -212,6 +221,7 @@ def standard_settings(
             attn_implementation="eager",
             use_liger_kernel=False,
             step_every_micro_batch=True,
+            examples_per_step=min(PROTOTYPE_EXAMPLES_PER_STEP, examples_per_step),
             description=f"one example per micro-batch padded to {max_length}, eager attention, "
             "an optimizer step after each",
         ),
@@ -273,9 +283,6 @@ def order_settings(settings: list[Setting]) -> list[Setting]:
     if ordered != settings:
         log.info("running settings without Liger first: %s", ", ".join(s.name for s in ordered))
     return ordered
-
-
-# ---------------------------------------------------------------- data
 
 
 def long_form_rows(
@@ -399,14 +406,14 @@ def run_setting(
     profile = args.profile == setting.name
     # A profiled step runs slower; it is one extra step at the end, outside the timing.
     result.steps = timed_steps + (1 if profile else 0)
-    micro_batches = args.examples_per_step // setting.micro_batch
+    per_bench_step = setting.steps_of(args.examples_per_step)
+    micro_batches = per_bench_step // setting.micro_batch
     # Optimizer steps per bench step: 1, or one per micro-batch for the prototype's way.
     per_step = micro_batches if setting.step_every_micro_batch else 1
-    examples = dataset.select(range(result.steps * args.examples_per_step))
+    examples = dataset.select(range(result.steps * per_bench_step))
     lengths = [len(ids) for ids in examples["input_ids"]]
     result.step_real_tokens = [
-        sum(lengths[i * args.examples_per_step : (i + 1) * args.examples_per_step])
-        for i in range(result.steps)
+        sum(lengths[i * per_bench_step : (i + 1) * per_bench_step]) for i in range(result.steps)
     ]
     base.set_attn_implementation(setting.attn_implementation)
     # Unquantized params in fp32 (peft's default) or the compute dtype; the cast is lossless both ways
@@ -584,7 +591,8 @@ def write_report(
         f"- command: `{meta['command']}`",
         f"- data: {meta['data']['examples']} examples, mean {meta['data']['mean_length']:.0f} tokens "
         f"({meta['data']['source']}); {meta['examples_per_step']} examples per optimizer step, "
-        "identical order in every setting",
+        "identical order in every setting; the prototype is timed on the first ones, in groups of "
+        f"{min(PROTOTYPE_EXAMPLES_PER_STEP, meta['examples_per_step'])}",
         f"- real tokens/s: non-pad tokens over the steps after warm-up; {FLOP_FORMULA} Peak "
         f"{meta['peak_tflops']:.0f} TFLOP/s.",
         "- peak GPU memory: torch.cuda.max_memory_allocated, reset before each setting "
@@ -643,7 +651,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--examples-per-step",
         type=int,
         default=None,
-        help="examples per optimizer step, the same in every setting (default 32 GPU, 8 CPU)",
+        help="examples per optimizer step, the same in every setting but the prototype's "
+        "(default 64 GPU, 8 CPU)",
     )
     parser.add_argument("--loss-steps", type=int, default=3, help="K: steps whose mean loss is compared")
     parser.add_argument(
@@ -673,7 +682,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     args.model = args.model or ("gemma2_9b" if gpu else "tiny")
-    args.examples_per_step = args.examples_per_step or (32 if gpu else 8)
+    args.examples_per_step = args.examples_per_step or (64 if gpu else 8)
     args.optim = args.optim or ("paged_adamw_8bit" if gpu else "adamw_torch")
     for key in ("loss_steps", "timed_steps", "examples_per_step"):
         if getattr(args, key) < 1:

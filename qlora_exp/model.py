@@ -9,7 +9,7 @@ from typing import Any
 
 import peft
 import torch
-from torch.torch_version import TorchVersion
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.hooks import RemovableHandle
 from transformers import (
     AutoConfig,
@@ -18,8 +18,10 @@ from transformers import (
     BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    masking_utils,
 )
 from transformers.integrations.liger import apply_liger_kernel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from qlora_exp.embedded_model import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
@@ -104,22 +106,25 @@ def check_attention(cfg: ModelConfig, source: str) -> None:
         )
 
 
-def flex_mask_compile_warning(attn_implementation: str, torch_version: str, cuda: bool) -> str | None:
-    """What to tell a user whose torch compiles flex block masks slowly; None when nothing.
+def _dynamic_flex_attention_mask(*args: Any, **kwargs: Any) -> BlockMask:
+    """transformers' flex block mask, compiled for symbolic row lengths (`use_dynamic_flex_masks`)."""
+    with torch._dynamo.config.patch(assume_static_by_default=False):
+        return masking_utils.flex_attention_mask(*args, **kwargs)
 
-    transformers builds each flex mask with `create_block_mask(..., _compile=True)`. Before torch
-    2.13, inductor lowers its stable argsort to a Triton sort whose first compile can take many
-    minutes once a row spans more than 64 blocks of 128 tokens (pytorch/pytorch#182060); 2.13
-    runs that argsort in ATen. Measured on an H200 with torch 2.11: BENCHMARKS.md.
+
+def use_dynamic_flex_masks() -> None:
+    """Make transformers compile its flex block masks for any row length from the first call.
+
+    transformers builds each flex mask with `create_block_mask(..., _compile=True)` and offers no
+    switch for how it compiles, so this replaces the "flex_attention" entry of its mask registry
+    (the extension point transformers provides) with the same function under a dynamic-shape
+    compile. Two gains: one compile serves every row length instead of a static compile then a
+    dynamic recompile; and before torch 2.13, a static compile lowers the mask's stable argsort to
+    a Triton sort whose first compile takes many minutes once a row spans more than 64 blocks of
+    128 tokens (pytorch/pytorch#182060; an H200 with torch 2.11 stalled on it, BENCHMARKS.md),
+    while with a symbolic length inductor leaves the argsort to ATen. Idempotent.
     """
-    if attn_implementation != "flex_attention" or not cuda or TorchVersion(torch_version) >= "2.13":
-        return None
-    return (
-        f"model.attn_implementation=flex_attention with torch {torch_version}: the first step whose "
-        "micro-batch rows exceed ~8,192 tokens can spend many minutes compiling the block mask "
-        "(pytorch/pytorch#182060). Fix: torch>=2.13 (`make install` pins it), or keep the first "
-        "micro-batches at or under 8,192 tokens"
-    )
+    ALL_MASK_ATTENTION_FUNCTIONS.register("flex_attention", _dynamic_flex_attention_mask)
 
 
 def _device_map() -> dict[str, int | str] | None:
@@ -135,9 +140,7 @@ def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
     """The base model in 4 bits, loaded as any hub model is (`from_pretrained`)."""
     source = resolve_source(cfg)
     check_attention(cfg, source)
-    warning = flex_mask_compile_warning(cfg.attn_implementation, torch.__version__, torch.cuda.is_available())
-    if warning:
-        log.warning("%s", warning)
+    use_dynamic_flex_masks()  # any model may switch to flex attention later (the bench does)
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code=true: executing code shipped with %s", source)
     return AutoModelForCausalLM.from_pretrained(

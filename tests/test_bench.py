@@ -67,12 +67,19 @@ def test_micro_batch_must_divide_the_step() -> None:
 
 
 def test_liger_settings_run_last_because_the_patch_cannot_be_undone() -> None:
-    prototype, baseline, defaults = standard_settings(GEMMA, 32)
+    prototype, baseline, defaults = standard_settings(GEMMA, 64)
     assert [s.name for s in order_settings([defaults, prototype, baseline])] == [
         "prototype",
         "baseline",
         "defaults",
     ]
+
+
+def test_the_prototype_is_timed_on_its_own_groups_of_the_first_examples() -> None:
+    prototype, baseline, defaults = standard_settings(GEMMA, 64)
+    assert (prototype.steps_of(64), baseline.steps_of(64), defaults.steps_of(64)) == (16, 64, 64)
+    assert standard_settings(GEMMA, 8)[0].steps_of(8) == 8  # never more than the others
+    prototype.validate(64)  # 1 divides 16
 
 
 def test_markdown_table_speed_against_the_prototype_and_loss_against_the_baseline() -> None:

@@ -7,7 +7,15 @@ from dataclasses import replace
 import bitsandbytes as bnb
 import pytest
 import torch
+from torch._dynamo.utils import counters
+from torch.nn.attention.flex_attention import create_block_mask
 from transformers import AutoTokenizer
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    and_masks,
+    causal_mask_function,
+    packed_sequence_mask_function,
+)
 
 from qlora_exp.errors import ConfigError
 from qlora_exp.model import (
@@ -16,10 +24,10 @@ from qlora_exp.model import (
     build_quantization_config,
     build_quantized_model,
     check_attention,
-    flex_mask_compile_warning,
     keep_fp32_residual,
     load_trainable_base,
     resolve_source,
+    use_dynamic_flex_masks,
 )
 from qlora_exp.schema import Config
 
@@ -48,12 +56,22 @@ def test_sdpa_is_refused_for_gemma2_before_weights_load(smoke_schema: Config) ->
         check_attention(smoke_schema.model, resolve_source(smoke_schema.model))
 
 
-def test_flex_attention_on_an_older_cuda_torch_warns_about_the_block_mask_compile() -> None:
-    warning = flex_mask_compile_warning("flex_attention", "2.11.0+cu130", cuda=True)
-    assert warning is not None and "pytorch/pytorch#182060" in warning and "Fix: torch>=2.13" in warning
-    assert flex_mask_compile_warning("flex_attention", "2.13.0+cu130", cuda=True) is None
-    assert flex_mask_compile_warning("flex_attention", "2.11.0", cuda=False) is None  # CPU: no Triton sort
-    assert flex_mask_compile_warning("eager", "2.11.0+cu130", cuda=True) is None
+def test_flex_block_masks_compile_once_for_every_row_length_and_stay_exact() -> None:
+    # What transformers calls for each forward of a padding-free flex model: the registry's mask.
+    use_dynamic_flex_masks()
+    use_dynamic_flex_masks()  # idempotent: loading a second model changes nothing
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    for lengths in ([300, 200, 500], [700, 100, 333, 90], [2000, 1500, 3000]):
+        seq = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+        mask_mod = and_masks(causal_mask_function, packed_sequence_mask_function(seq))
+        n = seq.shape[1]
+        block_mask = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"](1, n, n, mask_function=mask_mod)
+        exact = create_block_mask(mask_mod, 1, None, n, n, device="cpu", _compile=False)
+        assert torch.equal(block_mask.to_dense(), exact.to_dense())
+    # A static first compile would compile again for the second length (2 graphs, 3 with no
+    # automatic dynamic); a symbolic one serves all three, and leaves the argsort to ATen.
+    assert counters["stats"]["unique_graphs"] - graphs == 1
 
 
 def test_adapter_weights_change_while_quantized_base_stays_frozen(smoke_schema: Config) -> None:
