@@ -99,3 +99,4 @@ def test_gemma2_gpu_preset_is_the_benchmarked_defaults_row() -> None:
     assert (schema.model.upcast_unquantized_params, schema.model.fp32_residual) == (False, True)
     assert schema.data.packing == "padding_free"
     assert (schema.trainer.per_device_train_batch_size, schema.trainer.gradient_accumulation_steps) == (64, 1)
+    assert (schema.trainer.optim, schema.trainer.learning_rate) == ("paged_adamw_8bit", 2e-4)
