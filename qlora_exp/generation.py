@@ -15,7 +15,7 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import peft
 import torch
@@ -68,14 +68,28 @@ def build_generation_config(
 
 
 @contextmanager
-def inference_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode without gradients, restoring train mode afterwards (the Trainer's model is reused)."""
+def inference_mode(model: GenerativeModel) -> Iterator[None]:
+    """Eval mode without gradients and eager attention instead of flex, restoring both afterwards
+    (the Trainer's model is reused).
+
+    Compiled flex attention would compile again for the no-grad mode and for the decode shapes,
+    and torch.compile's recompile limit is per function: on an H200, a run's first generation
+    spent 104 s compiling and left the next training step to fail in uncompiled flex attention
+    (BENCHMARKS.md). Eager attention keeps Gemma-2's softcap and is cheap at prompt lengths.
+    """
+    # peft types its base model as nn.Module; it is the transformers model it wraps.
+    base = cast(PreTrainedModel, model.get_base_model()) if isinstance(model, peft.PeftModel) else model
+    attention = base.config._attn_implementation
     was_training = model.training
     model.eval()
+    if attention == "flex_attention":
+        base.set_attn_implementation("eager")
     try:
         with torch.no_grad():
             yield
     finally:
+        if attention == "flex_attention":
+            base.set_attn_implementation(attention)
         model.train(was_training)
 
 

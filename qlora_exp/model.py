@@ -106,25 +106,36 @@ def check_attention(cfg: ModelConfig, source: str) -> None:
         )
 
 
+# torch.compile's default limit is 8 compiles per function. Compiled flex attention needs one per
+# mask kind (Gemma-2 alternates sliding-window and full layers), grad mode (training, evaluation)
+# and static/dynamic shape: 8 already, and a 9th would fall back to uncompiled flex attention, which
+# fails in backward (seen on an H200: BENCHMARKS.md). Shapes are dynamic after the second, so the
+# count is bounded; this leaves room for it.
+FLEX_RECOMPILE_LIMIT = 64
+
+
 def _dynamic_flex_attention_mask(*args: Any, **kwargs: Any) -> BlockMask:
-    """transformers' flex block mask, compiled for symbolic row lengths (`use_dynamic_flex_masks`)."""
+    """transformers' flex block mask, compiled for symbolic row lengths (`configure_flex_compile`)."""
     with torch._dynamo.config.patch(assume_static_by_default=False):
         return masking_utils.flex_attention_mask(*args, **kwargs)
 
 
-def use_dynamic_flex_masks() -> None:
-    """Make transformers compile its flex block masks for any row length from the first call.
+def configure_flex_compile() -> None:
+    """Set up how compiled flex attention compiles, for any model that uses it. Idempotent.
 
-    transformers builds each flex mask with `create_block_mask(..., _compile=True)` and offers no
+    Block masks: transformers builds each with `create_block_mask(..., _compile=True)` and offers no
     switch for how it compiles, so this replaces the "flex_attention" entry of its mask registry
     (the extension point transformers provides) with the same function under a dynamic-shape
     compile. Two gains: one compile serves every row length instead of a static compile then a
     dynamic recompile; and before torch 2.13, a static compile lowers the mask's stable argsort to
     a Triton sort whose first compile takes many minutes once a row spans more than 64 blocks of
     128 tokens (pytorch/pytorch#182060; an H200 with torch 2.11 stalled on it, BENCHMARKS.md),
-    while with a symbolic length inductor leaves the argsort to ATen. Idempotent.
+    while with a symbolic length inductor leaves the argsort to ATen.
+
+    Recompiles: raises torch.compile's per-function limit to FLEX_RECOMPILE_LIMIT (see there).
     """
     ALL_MASK_ATTENTION_FUNCTIONS.register("flex_attention", _dynamic_flex_attention_mask)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
 
 
 def _device_map() -> dict[str, int | str] | None:
@@ -140,7 +151,7 @@ def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
     """The base model in 4 bits, loaded as any hub model is (`from_pretrained`)."""
     source = resolve_source(cfg)
     check_attention(cfg, source)
-    use_dynamic_flex_masks()  # any model may switch to flex attention later (the bench does)
+    configure_flex_compile()  # any model may switch to flex attention later (the bench does)
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code=true: executing code shipped with %s", source)
     return AutoModelForCausalLM.from_pretrained(

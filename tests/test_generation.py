@@ -127,3 +127,25 @@ def test_batched_left_padded_generation_matches_one_by_one(untrained_model: tupl
     model.train()
     generate_replies(model, tokenizer, prompts[:1], cfg)
     assert model.training, "generation must give the Trainer its model back in train mode"
+
+
+def test_generation_runs_a_flex_attention_model_with_eager_attention_and_restores_it(
+    untrained_model: tuple,
+) -> None:
+    model, tokenizer = untrained_model
+    base = model.get_base_model()
+    original = base.config._attn_implementation
+    base.set_attn_implementation("flex_attention")  # as the Gemma-2 preset trains
+    seen: list[str] = []
+    hook = base.register_forward_pre_hook(
+        lambda module, args: seen.append(module.config._attn_implementation)
+    )
+    try:
+        generate_replies(
+            model, tokenizer, [[{"role": "user", "content": "Hi"}]], EvalConfig(max_new_tokens=2)
+        )
+        assert seen and set(seen) == {"eager"}
+        assert base.config._attn_implementation == "flex_attention", "training must get flex back"
+    finally:
+        hook.remove()
+        base.set_attn_implementation(original)

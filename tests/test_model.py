@@ -24,10 +24,10 @@ from qlora_exp.model import (
     build_quantization_config,
     build_quantized_model,
     check_attention,
+    configure_flex_compile,
     keep_fp32_residual,
     load_trainable_base,
     resolve_source,
-    use_dynamic_flex_masks,
 )
 from qlora_exp.schema import Config
 
@@ -58,8 +58,8 @@ def test_sdpa_is_refused_for_gemma2_before_weights_load(smoke_schema: Config) ->
 
 def test_flex_block_masks_compile_once_for_every_row_length_and_stay_exact() -> None:
     # What transformers calls for each forward of a padding-free flex model: the registry's mask.
-    use_dynamic_flex_masks()
-    use_dynamic_flex_masks()  # idempotent: loading a second model changes nothing
+    configure_flex_compile()
+    configure_flex_compile()  # idempotent: loading a second model changes nothing
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]
     for lengths in ([300, 200, 500], [700, 100, 333, 90], [2000, 1500, 3000]):
@@ -72,6 +72,13 @@ def test_flex_block_masks_compile_once_for_every_row_length_and_stay_exact() -> 
     # A static first compile would compile again for the second length (2 graphs, 3 with no
     # automatic dynamic); a symbolic one serves all three, and leaves the argsort to ATen.
     assert counters["stats"]["unique_graphs"] - graphs == 1
+
+
+def test_flex_attention_may_compile_for_every_mask_mode_and_shape_kind() -> None:
+    # 2 mask kinds x training/evaluation x static/dynamic = 8 compiles of flex attention: the
+    # default limit (8) leaves no room, and one more falls back to uncompiled flex attention.
+    configure_flex_compile()
+    assert torch._dynamo.config.recompile_limit >= 2 * 2 * 2 * 4
 
 
 def test_adapter_weights_change_while_quantized_base_stays_frozen(smoke_schema: Config) -> None:
