@@ -136,6 +136,19 @@ def build_trainer(
     )
 
 
+def final_eval_loss(trainer: Trainer) -> float:
+    """The trained model's eval loss: the evaluation at the last step when the Trainer ran one
+    (eval_steps divides the steps) and kept that model, else a new evaluation."""
+    last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+    if (
+        last is not None
+        and last["step"] == trainer.state.global_step > 0
+        and not trainer.args.load_best_model_at_end  # then the model was reloaded: evaluate it
+    ):
+        return float(last["eval_loss"])
+    return float(trainer.evaluate()["eval_loss"])
+
+
 def train_and_evaluate(trainer: Trainer, resume_from: Path | None = None) -> dict[str, Any]:
     """Evaluate, train (from `resume_from` if given), evaluate again on the same in-memory model."""
     if torch.cuda.is_available():
@@ -145,7 +158,7 @@ def train_and_evaluate(trainer: Trainer, resume_from: Path | None = None) -> dic
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     before = next(entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry)
     log.info("eval_loss before training: %.4f", before)
-    after = trainer.evaluate()["eval_loss"]
+    after = final_eval_loss(trainer)
     runtime = float(result.metrics["train_runtime"])
     tokens = int(trainer.state.num_input_tokens_seen)
     metrics = {
