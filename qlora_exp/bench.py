@@ -584,6 +584,12 @@ def write_report(
     payload = {"meta": meta, "settings": [r.to_dict() for r in results]}
     json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     table = markdown_table(results, loss_steps)
+    # Settings timed on their own groups of the first examples (the prototype's way), as they ran.
+    own_groups = "".join(
+        f"; {r.setting.name} is timed on the first ones, in groups of {r.setting.examples_per_step}"
+        for r in results
+        if r.setting.examples_per_step and r.setting.examples_per_step != meta["examples_per_step"]
+    )
     lines = [
         f"# qlora-bench: {meta['model']} on {meta['device']}",
         "",
@@ -591,8 +597,7 @@ def write_report(
         f"- command: `{meta['command']}`",
         f"- data: {meta['data']['examples']} examples, mean {meta['data']['mean_length']:.0f} tokens "
         f"({meta['data']['source']}); {meta['examples_per_step']} examples per optimizer step, "
-        "identical order in every setting; the prototype is timed on the first ones, in groups of "
-        f"{min(PROTOTYPE_EXAMPLES_PER_STEP, meta['examples_per_step'])}",
+        f"identical order in every setting{own_groups}",
         f"- real tokens/s: non-pad tokens over the steps after warm-up; {FLOP_FORMULA} Peak "
         f"{meta['peak_tflops']:.0f} TFLOP/s.",
         "- peak GPU memory: torch.cuda.max_memory_allocated, reset before each setting "

@@ -16,6 +16,7 @@ from qlora_exp.bench import (
     order_settings,
     parse_setting,
     standard_settings,
+    write_report,
 )
 from qlora_exp.errors import ConfigError, ExitCode
 from qlora_exp.model import cast_unquantized_params, check_liger
@@ -106,6 +107,25 @@ def test_markdown_table_speed_against_the_prototype_and_loss_against_the_baselin
     assert "| 25.0x |" in rows[4] and "| +0.50% |" in rows[4] and "| 20.0% |" in rows[4]
     assert "| 32 x 1 |" in rows[4] and "| fp32 |" in rows[4]
     assert "out of memory" in rows[5]
+
+
+def test_report_says_which_settings_were_timed_on_their_own_groups(tmp_path: Path) -> None:
+    prototype, baseline, defaults = standard_settings(GEMMA, 64)
+    meta = {
+        "model": "m",
+        "device": "d",
+        "command": "c",
+        "data": {"examples": 384, "mean_length": 243.0, "source": "long"},
+        "examples_per_step": 64,
+        "peak_tflops": 989.0,
+        "versions": {"torch": "x"},
+    }
+    results = [SettingResult(prototype), SettingResult(baseline), SettingResult(defaults)]
+    _, md_path = write_report(results, meta, tmp_path, loss_steps=3)
+    report = md_path.read_text(encoding="utf-8")
+    assert "every setting; prototype is timed on the first ones, in groups of 16" in report
+    _, md_path = write_report(results[1:], meta, tmp_path, loss_steps=3)  # `--settings` without it
+    assert "groups of" not in md_path.read_text(encoding="utf-8")
 
 
 def test_liger_is_refused_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
