@@ -13,13 +13,15 @@ import signal
 from types import FrameType
 from typing import Any
 
+import bitsandbytes as bnb
 import torch
 from omegaconf import DictConfig
 from submitit import JobEnvironment
 from submitit.core.utils import UncompletedJobError
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from qlora_exp.errors import NumericalError, PreemptedError, RequeuedExit
+from qlora_exp.errors import NumericalError, PreemptedError, QloraError, RequeuedExit
+from qlora_exp.model import packed_weight_layers, quantized_linears
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,51 @@ class NonFiniteGuard(TrainerCallback):
         if self.streak:
             control.should_save = False
         return control
+
+
+class QuantizedWeightGuard(TrainerCallback):
+    """Fails the run if any 4-bit layer was repacked by bitsandbytes' CPU inference path.
+
+    `model.disable_cpu_weight_repacking` keeps every layer off that path (see why there); this checks,
+    at every step, evaluation and the end of training, that it held: a repacked layer passes no
+    gradient and drifts at each checkpoint, so training on would silently give a wrong adapter. The
+    check reads one flag per 4-bit layer (hundreds of attribute reads per step).
+    """
+
+    def __init__(self) -> None:
+        self.layers: list[bnb.nn.Linear4bit] = []
+
+    def check(self, when: str) -> None:
+        """Raise if any watched layer is repacked; `when` names the moment for the message."""
+        packed = packed_weight_layers(self.layers)
+        if packed:
+            raise QloraError(
+                f"{when}: {len(packed)} of {len(self.layers)} 4-bit layers were repacked in place by "
+                "bitsandbytes' CPU inference path (AVX512-BF16), which passes no gradient and alters the "
+                "base weights at each save; training stopped, no adapter saved. Fix: report this with "
+                "train.log and `pip list` (a bitsandbytes version whose repacking switch qlora-exp does "
+                "not know); meanwhile train on a GPU or a CPU without AVX512-BF16"
+            )
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.layers = quantized_linears(kwargs["model"])
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.check(f"step {state.global_step + 1}")
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.check(f"evaluation at step {state.global_step}")
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.check("end of training")
 
 
 def oom_advice(cfg: DictConfig) -> str:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import bitsandbytes as bnb
 import peft
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -138,6 +139,43 @@ def configure_flex_compile() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
 
 
+# bitsandbytes' Linear4bit switch for its CPU repacking (an internal attribute, set in its __init__
+# from `has_avx512bf16()`; bitsandbytes 0.49-0.50).
+_CPU_REPACK_SWITCH = "support_avx512bf16_for_cpu"
+# Set on a QuantState once bitsandbytes has repacked its weight in place.
+_CPU_PACKED_FLAG = "packing_format_for_cpu"
+
+
+def quantized_linears(model: torch.nn.Module) -> list[bnb.nn.Linear4bit]:
+    """Every 4-bit linear layer of `model` (inside peft's LoRA wrappers too)."""
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
+    """Keep every 4-bit layer off bitsandbytes' in-place CPU repacking path; returns how many.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.49+) repacks a Linear4bit's weight in place the first
+    time the layer runs in eval mode without gradients (an evaluation, a generation), and from then
+    on multiplies through `gemv_4bit`, which has no autograd kernel: no gradient flows through any
+    frozen 4-bit matmul, so every LoRA layer below the last projection stops learning. Each
+    `state_dict()` unpacks the weight again, lossily, so the base weights drift at every checkpoint.
+    The switch is a bitsandbytes internal with no public setter, hence the attribute; a version
+    without it has no such path or another trigger, which `check_no_packed_weights` (called during
+    training by guards.QuantizedWeightGuard) would catch. CPU generation gets slower; training
+    stays right. The packing also fails outright for shapes it cannot tile (Gemma-4).
+    """
+    layers = quantized_linears(model)
+    for layer in layers:
+        if hasattr(layer, _CPU_REPACK_SWITCH):
+            setattr(layer, _CPU_REPACK_SWITCH, False)
+    return len(layers)
+
+
+def packed_weight_layers(layers: list[bnb.nn.Linear4bit]) -> list[bnb.nn.Linear4bit]:
+    """The layers whose weight bitsandbytes has repacked for its CPU inference kernel."""
+    return [layer for layer in layers if getattr(layer.weight.quant_state, _CPU_PACKED_FLAG, False)]
+
+
 def _device_map() -> dict[str, int | str] | None:
     if not torch.cuda.is_available():
         return None  # bitsandbytes quantizes on the CPU in place
@@ -154,7 +192,7 @@ def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
     configure_flex_compile()  # any model may switch to flex attention later (the bench does)
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code=true: executing code shipped with %s", source)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         source,
         revision=cfg.revision,
         quantization_config=build_quantization_config(cfg),
@@ -163,6 +201,8 @@ def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
         trust_remote_code=cfg.trust_remote_code,
         device_map=_device_map(),
     )
+    disable_cpu_weight_repacking(model)
+    return model
 
 
 def check_liger(cfg: ModelConfig) -> None:

@@ -20,7 +20,7 @@ from qlora_exp.data import DataModule
 from qlora_exp.distributed import quiet_non_main_ranks, run_stamp
 from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
 from qlora_exp.generation import HeldOutSamples
-from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, oom_advice
+from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, QuantizedWeightGuard, oom_advice
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
 from qlora_exp.preview import preview_data
 from qlora_exp.resume import prepare_resume, register_resolvers
@@ -71,7 +71,11 @@ def run_experiment(cfg: DictConfig) -> float:
         with Tracker(schema.tracking, run_dir, {**resolved, **extra}) as tracker:
             args = build_training_arguments(schema.trainer, run_dir, schema.seed)
             samples = HeldOutSamples(schema.eval, data, run_dir, tracker)
-            guards = [NonFiniteGuard(schema.trainer.nan_guard_patience), PreemptionCallback()]
+            guards = [
+                NonFiniteGuard(schema.trainer.nan_guard_patience),
+                PreemptionCallback(),
+                QuantizedWeightGuard(),
+            ]
             callbacks = [
                 TrackingCallback(tracker),
                 samples,
