@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig, PreTrainedTokenizerFast
@@ -145,9 +149,36 @@ def train_tokenizer(
     return fast
 
 
+@contextmanager
+def isolated_rng(cuda: bool) -> Iterator[None]:
+    """Python's, NumPy's and torch's generators restored on exit, whatever ran inside.
+
+    The builder seeds its own weights, but it runs inside a training process on a cold cache,
+    after `set_seed(seed)`: without this, the first run on a machine would initialise LoRA and
+    draw dropout from other random numbers than every later run with the same seed.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if cuda else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
 def build_checkpoint(name: str, target: Path) -> None:
-    """Build `name` with seeded random weights and save it atomically to `target`."""
+    """Build `name` with seeded random weights and save it atomically to `target`; the caller's
+    random generators are left as they were."""
     arch = ARCHITECTURES[name]
+    # Full-size shapes are initialised in bf16 on the GPU when there is one: seconds, where the
+    # CPU takes minutes for 9B parameters. Benchmarks need the shape, not particular values.
+    device = "cuda" if arch.vocab_size is not None and torch.cuda.is_available() else "cpu"
+    with isolated_rng(cuda=device == "cuda"):
+        _build(name, arch, target, device)
+
+
+def _build(name: str, arch: Architecture, target: Path, device: str) -> None:
     log.info("building embedded checkpoint %s in %s (once; cached afterwards)", name, target)
     tokenizer = train_tokenizer(arch.tokenizer_vocab_size)
     end_of_turn = int(tokenizer.convert_tokens_to_ids("<end_of_turn>"))  # type: ignore[arg-type]
@@ -171,9 +202,6 @@ def build_checkpoint(name: str, target: Path) -> None:
     )
     torch.manual_seed(0)
     dtype = torch.float32 if arch.vocab_size is None else torch.bfloat16
-    # Full-size shapes are initialised in bf16 on the GPU when there is one: seconds, where the
-    # CPU takes minutes for 9B parameters. Benchmarks need the shape, not particular values.
-    device = "cuda" if arch.vocab_size is not None and torch.cuda.is_available() else "cpu"
     if device == "cuda":
         with torch.device(device):
             model = Gemma2ForCausalLM._from_config(config, dtype=dtype)

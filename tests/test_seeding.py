@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,3 +63,19 @@ def test_set_seed_drives_python_numpy_and_torch() -> None:
     first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     set_seed(11)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
+
+
+def test_building_an_embedded_model_leaves_the_run_random_state_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cold cache builds the checkpoint inside the run, after set_seed: the run's draws must not move.
+    def draws() -> tuple[list[float], float, float]:
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    set_seed(5)
+    expected = draws()
+    monkeypatch.setenv("QLORA_EXP_CACHE", str(tmp_path))
+    set_seed(5)
+    built = resolve_embedded("embedded:tiny-gemma2")
+    assert built.is_relative_to(tmp_path) and (built / "config.json").is_file()
+    assert draws() == expected
