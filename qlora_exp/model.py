@@ -173,7 +173,11 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
 
 def packed_weight_layers(layers: list[bnb.nn.Linear4bit]) -> list[bnb.nn.Linear4bit]:
     """The layers whose weight bitsandbytes has repacked for its CPU inference kernel."""
-    return [layer for layer in layers if getattr(layer.weight.quant_state, _CPU_PACKED_FLAG, False)]
+    return [
+        layer
+        for layer in layers
+        if getattr(getattr(layer.weight, "quant_state", None), _CPU_PACKED_FLAG, False)
+    ]
 
 
 def _device_map() -> dict[str, int | str] | None:

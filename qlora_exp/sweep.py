@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import configure_log
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from qlora_exp.errors import ExitCode
+from qlora_exp.run.context import RunContext
 from qlora_exp.run_dir import COMPLETED, FAILED, RunDirectory, flatten, redact_secrets
 
 log = logging.getLogger(__name__)
@@ -48,21 +47,17 @@ def register_sweep_configs() -> None:
     OmegaConf.register_new_resolver(JOB_DIRNAME_RESOLVER, job_dirname, replace=True)
 
 
-def in_multirun() -> bool:
-    """True inside a job of a Hydra multirun (`-m` or `hydra.mode=MULTIRUN`)."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two nested config dicts."""
     flat_old, flat_new = flatten(old), flatten(new)
     return sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
 
 
-def finished_objective(run_dir: Path, resolved: dict[str, Any]) -> float | None:
+def finished_objective(run: RunContext, resolved: dict[str, Any]) -> float | None:
     """In a sweep, the eval_loss of this job's earlier COMPLETED run with the same resolved
     config (the job is then skipped, before any data or model loads); None when it must run."""
-    if not in_multirun() or not (run_dir / COMPLETED).is_file():
+    run_dir = run.path
+    if not run.in_sweep or not (run_dir / COMPLETED).is_file():
         return None
     stored = yaml.safe_load((run_dir / "resolved_config.yaml").read_text(encoding="utf-8"))
     differences = changed_keys(stored, redact_secrets(resolved))
@@ -90,15 +85,14 @@ class JobFailure:
         return f"job failed (exit {self.exit_code}): {self.reason}"
 
 
-def end_failed_job(exit_code: int, exc: BaseException) -> JobFailure:
+def end_failed_job(exit_code: int, exc: BaseException, run: RunContext) -> JobFailure:
     """A single run exits with `exit_code`; inside a sweep the failure is returned so the
     remaining jobs run (the sweep exits non-zero at its end, see `SweepSummary`)."""
-    if not in_multirun():
+    if not run.in_sweep:
         raise SystemExit(exit_code) from exc
     reason = f"{type(exc).__name__}: {exc}"
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if not (run_dir / FAILED).is_file():  # failed before claiming its directory, e.g. a bad override
-        RunDirectory(run_dir).mark_failed(reason)
+    if not (run.path / FAILED).is_file():  # failed before claiming its directory, e.g. a bad override
+        RunDirectory(run.path).mark_failed(reason)
     return JobFailure(int(exit_code), reason)
 
 

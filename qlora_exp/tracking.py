@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from pathlib import Path
 from typing import Any
 
 import wandb
-from hydra.core.hydra_config import HydraConfig
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from qlora_exp.distributed import is_main_process
+from qlora_exp.run.context import RunContext
 from qlora_exp.run_dir import HISTORY_FILE, redact_secrets, write_json_atomic
 from qlora_exp.schema import TrackingConfig
-from qlora_exp.sweep import in_multirun
 from qlora_exp.training import perplexity
 
 log = logging.getLogger(__name__)
@@ -28,20 +26,11 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "wandb_run_id.txt"
 
 
-def group_and_name(run_dir: Path) -> tuple[str | None, str]:
-    """Defaults for the W&B group and run name: in a sweep, the sweep directory's name and the
-    job's overrides (e.g. `lora.r=16,trainer.learning_rate=2e-4`); else no group, the run dir's name."""
-    if not in_multirun():
-        return None, run_dir.name
-    hydra_cfg = HydraConfig.get()
-    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("experiment=")]
-    return Path(hydra_cfg.sweep.dir).name, ",".join(sorted(overrides)) or run_dir.name
-
-
 class Tracker:
     """A W&B run (or nothing, for tracking=none) with log/summary/finish."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, cfg: TrackingConfig, run: RunContext, config: dict[str, Any]) -> None:
+        run_dir = run.path
         self.run_dir = run_dir
         self.run: Any = None
         if not is_main_process():
@@ -51,7 +40,7 @@ class Tracker:
             return
         id_file = run_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-        group, name = group_and_name(run_dir)
+        group, name = run.tracking_group_and_name()
         self.run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,

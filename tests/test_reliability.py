@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from qlora_exp import train
+from qlora_exp import experiment, train
 from qlora_exp.checkpoint import (
     MANIFEST,
     AtomicCheckpointTrainer,
@@ -43,6 +43,7 @@ from qlora_exp.errors import (
 from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, oom_advice
 from qlora_exp.redaction import SecretLogFilter, redact_hydra_files, scrub
 from qlora_exp.resume import changed_settings, prepare_resume
+from qlora_exp.run.context import RunContext
 from qlora_exp.run_dir import COMPLETED, REDACTED, RunDirectory
 from tests.conftest import compose_config
 
@@ -336,12 +337,12 @@ def test_oom_advice_names_concrete_settings() -> None:
 
 
 def test_cuda_oom_exits_5_with_advice(monkeypatch, caplog) -> None:
-    def out_of_memory(cfg):
+    def out_of_memory(cfg, run):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "run_experiment", out_of_memory)
+    monkeypatch.setattr(experiment, "run_experiment", out_of_memory)
     with pytest.raises(SystemExit) as info, caplog.at_level(logging.ERROR):
-        train.main.__wrapped__(compose_config("experiment=smoke"))
+        experiment.run_job(compose_config("experiment=smoke"), RunContext(Path("unused")))
     assert info.value.code == ExitCode.OUT_OF_MEMORY
     assert "trainer.per_device_train_batch_size=2" in caplog.text
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from qlora_exp import sweep
 from qlora_exp.errors import ConfigError, DataError, ExitCode
+from qlora_exp.run.context import RunContext
 from qlora_exp.schema import TrackingConfig
 from qlora_exp.sweep import (
     MAX_DIRNAME,
@@ -68,39 +68,45 @@ def test_changed_keys_names_nested_differences() -> None:
     assert changed_keys(RESOLVED, RESOLVED) == []
 
 
-def test_completed_job_with_same_config_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sweep, "in_multirun", lambda: True)
+def sweep_job(path: Path) -> RunContext:
+    return RunContext(path, sweep_dir=path.parent, job_overrides=("lora.r=4",))
+
+
+def test_completed_job_with_same_config_is_skipped(tmp_path: Path) -> None:
     run = finished_run(tmp_path / "job", RESOLVED)
-    assert finished_objective(run, RESOLVED) == 6.25
+    assert finished_objective(sweep_job(run), RESOLVED) == 6.25
 
 
-def test_completed_job_with_changed_config_reruns(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(sweep, "in_multirun", lambda: True)
+def test_completed_job_with_changed_config_reruns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run = finished_run(tmp_path / "job", RESOLVED)
     with caplog.at_level(logging.WARNING):
-        assert finished_objective(run, {**RESOLVED, "seed": 7}) is None
+        assert finished_objective(sweep_job(run), {**RESOLVED, "seed": 7}) is None
     assert "resolved config changed at seed" in caplog.text
 
 
-def test_failed_job_reruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sweep, "in_multirun", lambda: True)
+def test_failed_job_reruns(tmp_path: Path) -> None:
     run = finished_run(tmp_path / "job", RESOLVED)
     (run / "COMPLETED").unlink()
     (run / "FAILED").write_text("DataError: nope\n")
-    assert finished_objective(run, RESOLVED) is None
+    assert finished_objective(sweep_job(run), RESOLVED) is None
 
 
 def test_single_runs_never_skip(tmp_path: Path) -> None:
     run = finished_run(tmp_path / "job", RESOLVED)
-    assert finished_objective(run, RESOLVED) is None  # no Hydra multirun here
+    assert finished_objective(RunContext(run), RESOLVED) is None  # not a sweep job
 
 
-def test_a_single_run_failure_exits_with_its_code() -> None:
+def test_a_single_run_failure_exits_with_its_code(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        end_failed_job(ExitCode.DATA, DataError("bad rows"))
+        end_failed_job(ExitCode.DATA, DataError("bad rows"), RunContext(tmp_path / "run"))
     assert exit_info.value.code == ExitCode.DATA
+
+
+def test_a_sweep_job_failure_is_returned_and_marked(tmp_path: Path) -> None:
+    (tmp_path / "job").mkdir()  # Hydra makes the job directory before the job starts
+    failure = end_failed_job(ExitCode.DATA, DataError("bad rows"), sweep_job(tmp_path / "job"))
+    assert failure.exit_code == ExitCode.DATA
+    assert (tmp_path / "job" / "FAILED").read_text().startswith("DataError: bad rows")
 
 
 def test_job_states_from_markers(tmp_path: Path) -> None:

@@ -1,0 +1,107 @@
+"""One experiment from a composed config: validate, seed, data, model, train, evaluate, save.
+
+This module only wires the components together; each lives in its own module. It takes its run
+directory and tracking identity as a `RunContext` argument, so a run works the same from
+`qlora-train` (Hydra builds the context), a test or a notebook.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
+
+from qlora_exp.data import DataModule
+from qlora_exp.distributed import quiet_non_main_ranks
+from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
+from qlora_exp.generation import HeldOutSamples
+from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, QuantizedWeightGuard, oom_advice
+from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
+from qlora_exp.preview import preview_data
+from qlora_exp.resume import prepare_resume
+from qlora_exp.run.context import RunContext
+from qlora_exp.run_dir import RunDirectory
+from qlora_exp.schema import to_schema
+from qlora_exp.sweep import JobFailure, end_failed_job, finished_objective
+from qlora_exp.tracking import Tracker, TrackingCallback
+from qlora_exp.training import (
+    build_evaluation_callbacks,
+    build_trainer,
+    build_training_arguments,
+    train_and_evaluate,
+)
+
+log = logging.getLogger(__name__)
+
+
+def run_experiment(cfg: DictConfig, run: RunContext) -> float:
+    """One run in `run.path`; returns eval_loss, the sweepers' objective. Raises on failure, with
+    the run directory marked FAILED and the reason."""
+    schema = to_schema(cfg)  # every cross-field rule, before any data or weights load
+    if schema.dry_run:  # data and tokenizer only, no weights, nothing trained
+        return preview_data(schema)
+    run_dir = run.path
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    quiet_non_main_ranks()
+    if (objective := finished_objective(run, resolved)) is not None:  # sweep rerun: already done
+        return objective
+    with RunDirectory(run_dir) as run_directory:
+        log.info("run directory: %s", run_dir)
+        checkpoint = prepare_resume(run_dir, resolved, schema.resume, schema.resume_force)
+        run_directory.write_resolved_config(resolved)
+        run_directory.write_provenance()
+        set_seed(schema.seed)
+        tokenizer = load_tokenizer(schema.model)
+        data = DataModule(schema.data, tokenizer, schema.seed, schema.trainer.per_device_train_batch_size)
+        data.setup()
+        run_directory.write_json("data_stats.json", data.stats.to_dict())
+        run_directory.write_provenance(data_fingerprint=data.fingerprint)
+        model = build_quantized_model(schema.model, schema.lora)
+        trainable = count_trainable_parameters(model)
+        extra = {"trainable_params": trainable, "lora_scale": schema.lora.scale}
+        with Tracker(schema.tracking, run, {**resolved, **extra}) as tracker:
+            args = build_training_arguments(schema.trainer, run_dir, schema.seed)
+            samples = HeldOutSamples(schema.eval, data, run_dir, tracker)
+            callbacks = [
+                TrackingCallback(tracker),
+                samples,
+                NonFiniteGuard(schema.trainer.nan_guard_patience),
+                PreemptionCallback(),
+                QuantizedWeightGuard(),  # after the samples: it checks after their generations
+                *build_evaluation_callbacks(schema.trainer),
+            ]
+            trainer = build_trainer(model, tokenizer, data, args, callbacks)
+            metrics = {**train_and_evaluate(trainer, checkpoint), **samples.metrics, **extra}
+            if run_directory.writer:
+                save_adapter(model, tokenizer, run_dir)
+            run_directory.write_json("metrics.json", metrics)
+            tracker.summarize(metrics)
+        del trainer, model
+        gc.collect()
+        run_directory.mark_completed()
+        log.info("COMPLETED: %s", run_dir)
+    return float(metrics["eval_loss"])
+
+
+def run_job(cfg: DictConfig, run: RunContext) -> float | JobFailure:
+    """`run_experiment` with failures turned into documented exit codes (README, "Exit codes"):
+    a single run raises SystemExit(code); a sweep job returns a JobFailure so the others still run."""
+    try:
+        return run_experiment(cfg, run)
+    except QloraError as exc:
+        log.error("%s", exc)
+        return end_failed_job(exc.exit_code, exc, run)
+    except torch.OutOfMemoryError as exc:
+        log.error("%s", oom_advice(cfg))
+        return end_failed_job(OutOfMemoryError.exit_code, exc, run)
+    except Exception as exc:  # unexpected: already marked FAILED above; ends as exit code OTHER
+        log.exception("unexpected error")
+        return end_failed_job(ExitCode.OTHER, exc, run)
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

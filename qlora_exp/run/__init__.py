@@ -1,0 +1,1 @@
+"""A run's directory and identity: file names, claiming and marking, resume, finished runs, sweeps."""
