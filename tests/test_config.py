@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from qlora_exp.errors import ConfigError, ExitCode
-from qlora_exp.schema import to_schema
-from tests.conftest import compose_config, run_cli
+from qlora_exp.schema import (
+    Config,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    TrackingConfig,
+    TrainerConfig,
+    to_schema,
+)
+from qlora_exp.train import CONF_DIR
+from tests.conftest import REPO, compose_config, run_cli
 
 MODEL_PRESETS = [
     "tiny",
@@ -17,6 +28,56 @@ MODEL_PRESETS = [
     "mistral7b_instruct_v03",
     "qwen25_7b_instruct",
 ]
+
+EXPERIMENTS = sorted(path.stem for path in (REPO / "experiments").glob("*.yaml"))
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "tracking": TrackingConfig,
+}
+# All that the default presets (model=tiny, lora=default, data=synthetic, trainer=default,
+# tracking=wandb) change from the dataclass defaults. Any other difference is a default kept in two places.
+DEFAULT_PRESET_CHANGES = {"model": {"name_or_path": "embedded:tiny-gemma2"}}
+# Preset values equal to the schema's default on purpose: pinned against a change of that default.
+PINNED_REPEATS = {("model/tiny", "attn_implementation")}
+
+
+def test_default_config_is_the_schema_defaults_but_the_tiny_model() -> None:
+    composed = OmegaConf.to_container(compose_config(), resolve=True)
+    assert isinstance(composed, dict)
+    expected = dataclasses.asdict(Config())
+    for section, changes in DEFAULT_PRESET_CHANGES.items():
+        for key, value in changes.items():
+            assert expected[section][key] != value, f"{section}.{key} is no change: drop the exception"
+            expected[section][key] = value
+    assert composed.keys() == expected.keys()
+    for key, value in expected.items():
+        assert composed[key] == value, f"{key}: the composed default config differs from the schema"
+
+
+def test_group_presets_set_only_what_they_change() -> None:
+    repeats = []
+    for group, schema in GROUP_SCHEMAS.items():
+        defaults = dataclasses.asdict(schema())
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            preset = OmegaConf.to_container(OmegaConf.load(path))
+            assert isinstance(preset, dict)
+            preset.pop("defaults", None)
+            assert preset.keys() <= defaults.keys(), path
+            repeats += [
+                f"{group}/{path.stem}: {key}={value!r}"
+                for key, value in preset.items()
+                if value == defaults[key] and (f"{group}/{path.stem}", key) not in PINNED_REPEATS
+            ]
+    assert not repeats, f"presets repeat the schema's defaults (qlora_exp/schema.py owns them): {repeats}"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment: str) -> None:
+    schema = to_schema(compose_config(f"experiment={experiment}"))
+    assert schema.model.name_or_path
 
 
 def test_default_config_is_the_embedded_tiny_model() -> None:
