@@ -61,12 +61,20 @@ def pack_examples(dataset: Dataset, capacity: int) -> Dataset:
 
 
 def build_collator(
-    packing: str, tokenizer: PreTrainedTokenizerBase
+    packing: str, tokenizer: PreTrainedTokenizerBase, *, pad_to: int | None = None
 ) -> DataCollatorForSeq2Seq | FlatteningCollator:
-    """`none`: pad each batch to its own longest row; otherwise flatten (see the module docstring)."""
+    """`none`: pad each batch to its own longest row; otherwise flatten (see the module docstring).
+
+    `pad_to` pads `none` batches to that fixed length instead: the prototype's layout, which
+    qlora-bench times against the others.
+    """
     if packing == "none":
         return DataCollatorForSeq2Seq(
-            tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
+            tokenizer,
+            padding="longest" if pad_to is None else "max_length",
+            max_length=pad_to,
+            label_pad_token_id=IGNORE_INDEX,
+            return_tensors="pt",
         )
     return FlatteningCollator(separator_id=IGNORE_INDEX)
 

@@ -82,7 +82,7 @@ def _git_state(repo: Path) -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
-def _package_versions() -> dict[str, str | None]:
+def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
     for name in TRACKED_PACKAGES:
         try:
@@ -187,7 +187,7 @@ class RunDirectory:
         if not current:
             current = {
                 "git": _git_state(Path(__file__).resolve().parent.parent),
-                "packages": _package_versions(),
+                "packages": package_versions(),
                 "python": sys.version.split()[0],
                 "platform": platform.platform(),
                 "device": _device(),

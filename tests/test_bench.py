@@ -1,25 +1,30 @@
-"""qlora-bench: settings parsing and the report (unit), and one tiny end-to-end run on the CPU (slow)."""
+"""qlora-bench: options, settings parsing and the report (unit); every batch layout's loss against the
+examples run one by one on the tiny model; one tiny end-to-end run on the CPU (slow)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase, set_seed
 
-from qlora_exp.bench import (
-    Setting,
-    SettingResult,
-    main,
-    markdown_table,
-    order_settings,
-    parse_setting,
-    standard_settings,
-    write_report,
-)
+from qlora_exp.bench import main
+from qlora_exp.bench.data import bench_dataset
+from qlora_exp.bench.measure import SettingResult, layout_collator, load_shared_base
+from qlora_exp.bench.options import BENCH_MODELS, parse_options
+from qlora_exp.bench.report import markdown_table, versions, write_report
+from qlora_exp.bench.run import compose_model_section
+from qlora_exp.bench.settings import LAYOUTS, Setting, order_settings, parse_setting, standard_settings
+from qlora_exp.data import IGNORE_INDEX
 from qlora_exp.errors import ConfigError, ExitCode
-from qlora_exp.model import cast_unquantized_params, check_liger
+from qlora_exp.model import attach_lora, cast_unquantized_params, check_liger, load_tokenizer
+from qlora_exp.run_dir import TRACKED_PACKAGES
 from qlora_exp.schema import ModelConfig
 from tests.conftest import compose_config, run_cli
 
@@ -60,6 +65,28 @@ def test_parse_setting_overrides_only_what_it_names() -> None:
 def test_parse_setting_rejects_what_it_cannot_read(spec: str) -> None:
     with pytest.raises(ConfigError, match="--extra"):
         parse_setting(spec, standard_settings(GEMMA, 32)[2])
+
+
+def test_options_are_frozen_and_take_the_machines_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    options = parse_options(
+        ["--settings", "baseline,,defaults", "--extra", "a:liger=0", "--extra", "b:attn=sdpa"]
+    )
+    assert (options.model, options.examples_per_step, options.optim) == ("tiny", 8, "adamw_torch")
+    assert options.settings == ("baseline", "defaults") and options.extra == ("a:liger=0", "b:attn=sdpa")
+    # The longest setting: compiled attention warms up one step more than --warmup-steps.
+    assert options.steps_max == max(options.loss_steps, options.warmup_steps + 1 + options.timed_steps)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.optim = "sgd"  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="--timed-steps must be >= 1"):
+        parse_options(["--timed-steps", "0"])
+
+
+def test_versions_are_the_run_directorys_plus_the_benchs_kernels() -> None:
+    found = versions()
+    assert list(found) == ["python", *TRACKED_PACKAGES, "liger-kernel", "triton"]
+    assert found["torch"] == metadata.version("torch")
+    assert all(isinstance(v, str) and v for v in found.values())  # "absent", never None, in bench.md
 
 
 def test_micro_batch_must_divide_the_step() -> None:
@@ -144,6 +171,12 @@ def test_bench_refuses_liger_on_the_cpu_before_loading_anything(
     assert not (tmp_path / "bench.json").exists()
 
 
+def test_python_dash_m_runs_the_bench_as_benchmarks_md_documents() -> None:
+    result = run_cli("python", "-m", "qlora_exp.bench", "--help")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("usage: qlora-bench") and "--examples-per-step" in result.stdout
+
+
 def test_gemma2_preset_turns_the_speed_switches_on() -> None:
     model = compose_config("model=gemma2_9b_it").model
     assert model.attn_implementation == "flex_attention"
@@ -198,3 +231,60 @@ def test_bench_cli_runs_every_setting_on_identical_data(tmp_path: Path) -> None:
     assert "| prototype | pad_to_max | 1 x 1 (a step each) |" in (out / "bench.md").read_text()
     assert "| fp32 | adamw_torch |" in (out / "bench.md").read_text()  # --optim's CPU default, per row
     assert "| defaults | padding_free | 2 x 1 |" in result.stdout
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["checkpointing", "no-checkpointing"])
+def tiny_bench_model(request: pytest.FixtureRequest) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The bench's tiny model as a setting builds it (4-bit base, eager attention, LoRA), with gradient
+    checkpointing as the presets have it and without; its config keeps use_cache=true, as Gemma-2's."""
+    model_cfg, lora_cfg = compose_model_section(*BENCH_MODELS["tiny"])
+    assert model_cfg.gradient_checkpointing and model_cfg.attn_implementation == "eager"
+    model_cfg = dataclasses.replace(model_cfg, gradient_checkpointing=request.param)
+    set_seed(0)
+    # No LoRA dropout: in training mode each forward would draw its own mask, and the losses compared
+    # must come from the same function.
+    model = attach_lora(load_shared_base(model_cfg, "eager"), dataclasses.replace(lora_cfg, dropout=0.0))
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is request.param
+    assert model.config.use_cache is True
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0); give it weight so it takes part in the check
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    return model, load_tokenizer(model_cfg)
+
+
+def _separate_loss(model: PeftModel, examples: Dataset) -> float:
+    """Each example alone, no padding, no flattening; their losses weighted by their target tokens."""
+    total, targets = 0.0, 0
+    for example in examples:
+        labels = torch.tensor([example["labels"]])
+        count = int((labels[:, 1:] != IGNORE_INDEX).sum())  # the model predicts token t+1 from t
+        total += model(input_ids=torch.tensor([example["input_ids"]]), labels=labels).loss.item() * count
+        targets += count
+    return total / targets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
+def test_every_bench_layout_gives_the_loss_of_its_examples_run_separately(
+    tiny_bench_model: tuple[PeftModel, PreTrainedTokenizerBase], training: bool, tmp_path: Path
+) -> None:
+    # The bench builds its batches with the training path's collator, whose flattened batches carry
+    # use_cache=False: with a cache (Gemma-2's config says use_cache=true) transformers drops the
+    # per-example mask and flattened examples attend to each other. transformers 5.24 turns the cache
+    # off by itself only for a checkpointed forward with gradients; the other three cases here need
+    # the flag, so removing it from FlatteningCollator fails them.
+    model, tokenizer = tiny_bench_model
+    model.train(training)
+    max_length = 128
+    examples, _ = bench_dataset("builtin", tokenizer, 4, seed=42, out_dir=tmp_path, max_length=max_length)
+    assert len(set(map(len, examples["input_ids"]))) > 1  # rows of different lengths: padding happens
+    assert {s.layout for s in standard_settings(GEMMA, 4)} <= set(LAYOUTS)
+    with torch.set_grad_enabled(training):
+        separate = _separate_loss(model, examples)
+        for layout in LAYOUTS:
+            batch = layout_collator(layout, tokenizer, max_length)(list(examples))
+            if layout == "pad_to_max":
+                assert batch["input_ids"].shape == (4, max_length)
+            loss = model(**batch).loss.item()
+            assert loss == pytest.approx(separate, rel=1e-5), layout
