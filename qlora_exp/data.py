@@ -26,7 +26,6 @@ from qlora_exp.data_cache import CachedData, cache_key, load_entry, save_entry, 
 from qlora_exp.data_formats import (
     Conversation,
     Drop,
-    Message,
     alpaca_to_messages,
     detect_format,
     to_conversation,
@@ -170,7 +169,7 @@ class DataModule:
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.train_conversations: list[Conversation] = []
-        self.val_conversations: list[list[Message]] = []
+        self.val_conversations: list[Conversation] = []
         self.fingerprint = ""
 
     def setup(self) -> None:
@@ -198,7 +197,7 @@ class DataModule:
         self.train_dataset, self.val_dataset = entry.train, entry.val
         self.stats = DataStats.from_fields(entry.stats)
         self.train_conversations = entry.train_conversations
-        self.val_conversations = [conversation.messages for conversation in entry.val_conversations]
+        self.val_conversations = entry.val_conversations
         self.stats.cache_hit = cache_hit
         self.stats.prepare_seconds = time.perf_counter() - started
         self._log_summary()

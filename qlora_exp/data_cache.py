@@ -28,7 +28,7 @@ from qlora_exp.embedded_model import cache_root
 log = logging.getLogger(__name__)
 
 # Bump when tokenization, masking or packing output changes, so old entries are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass

@@ -4,13 +4,14 @@ alpaca (instruction/input/output, optional system and history), OpenAI-style `me
 ShareGPT `conversations` (from/value), prompt/completion pairs and plain `text`. `data.columns.*`
 renames columns; `data.format=auto` picks the format from the columns. A row that cannot become a
 conversation yields a `Drop` with a reason (counted and shown by the DataModule), never silence.
+A message's `loss_weight` (0 or 1) travels with the conversation; tokenization applies it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qlora_exp.errors import DataError
@@ -25,6 +26,7 @@ MISSING_FIELD = "missing_or_empty_field"
 MALFORMED = "malformed_row"
 UNMAPPABLE_ROLE = "unmappable_role"
 NON_TEXT = "non_text_content"
+UNSUPPORTED_LOSS_WEIGHT = "unsupported_loss_weight"
 
 # Role names the ecosystem uses for the three roles every chat template knows.
 ROLE_ALIASES = {
@@ -43,10 +45,14 @@ ROLE_ALIASES = {
 @dataclass(frozen=True)
 class Conversation:
     """Turns with roles system / user / assistant. `raw`: tokenize the contents as they are, no chat
-    template (plain text, and string prompt/completion pairs as TRL treats them)."""
+    template (plain text, and string prompt/completion pairs as TRL treats them). `loss_weights`: each
+    message's `loss_weight` from the data (0: not trained, 1: trained, None: not given), or empty when
+    no message has one. Kept beside the messages, not in them: the messages go to chat templates and
+    to generation as the plain role/content dicts those expect."""
 
     messages: list[Message]
     raw: bool = False
+    loss_weights: list[int | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ def to_conversation(
             return _from_alpaca(row, columns)
         if fmt in ("messages", "sharegpt"):
             column = columns.messages if fmt == "messages" else columns.conversations
-            return Conversation(_parse_messages(_required(row, column), columns, role_map))
+            return _weighted(_parse_messages(_required(row, column), columns, role_map))
         if fmt == "prompt_completion":
             return _from_prompt_completion(row, columns, role_map)
         if fmt == "text":
@@ -159,18 +165,28 @@ def _from_prompt_completion(
         )
     # Conversational pairs (TRL's format): lists of messages, or a string completion after them.
     head = _parse_messages(prompt, columns, role_map)
-    tail = (
-        [{"role": "assistant", "content": completion.strip()}]
+    tail: list[tuple[Message, int | None]] = (
+        [({"role": "assistant", "content": completion.strip()}, None)]
         if isinstance(completion, str) and completion.strip()
         else _parse_messages(completion, columns, role_map)
     )
-    return Conversation(head + tail)
+    return _weighted(head + tail)
 
 
-def _parse_messages(value: Any, columns: DataColumnsConfig, role_map: Mapping[str, str]) -> list[Message]:
+def _weighted(turns: list[tuple[Message, int | None]]) -> Conversation:
+    """The conversation of parsed turns, with their loss weights when any turn has one."""
+    weights = [weight for _, weight in turns]
+    has_weights = any(weight is not None for weight in weights)
+    return Conversation([message for message, _ in turns], loss_weights=weights if has_weights else [])
+
+
+def _parse_messages(
+    value: Any, columns: DataColumnsConfig, role_map: Mapping[str, str]
+) -> list[tuple[Message, int | None]]:
+    """Each message with its loss_weight (None when it has none); empty system messages left out."""
     if not isinstance(value, list) or not value:
         raise _RowProblem(MALFORMED if value else MISSING_FIELD, "the message list is empty or not a list")
-    messages: list[Message] = []
+    messages: list[tuple[Message, int | None]] = []
     for turn, message in enumerate(value):
         if not isinstance(message, Mapping):
             raise _RowProblem(MALFORMED, f"message {turn} is a {type(message).__name__}, not an object")
@@ -187,20 +203,36 @@ def _parse_messages(value: Any, columns: DataColumnsConfig, role_map: Mapping[st
             if role == "system":
                 continue  # an empty system prompt carries nothing
             raise _RowProblem(MISSING_FIELD, f"message {turn} ({raw_role}) is empty")
-        messages.append({"role": role, "content": content})
+        weight = _loss_weight(message.get(columns.loss_weight), columns.loss_weight, turn, raw_role)
+        messages.append(({"role": role, "content": content}, weight))
     return messages
 
 
 def _message_text(content: Any, turn: int) -> str:
-    """A message's text: a string, or OpenAI-style parts that are all text."""
+    """A message's text: a string, or content parts that are all text, each carrying it under `text`
+    (OpenAI) or `value` (a common export format)."""
     if content is None or isinstance(content, str):
         return (content or "").strip()
     if isinstance(content, list):
         kinds = {part.get("type") for part in content if isinstance(part, Mapping)}
         if kinds == {"text"} and all(isinstance(part, Mapping) for part in content):
-            return "".join(str(part.get("text") or "") for part in content).strip()
+            return "".join(str(part.get("text") or part.get("value") or "") for part in content).strip()
         raise _RowProblem(NON_TEXT, f"message {turn} has non-text parts {sorted(map(str, kinds))}")
     raise _RowProblem(MALFORMED, f"message {turn}'s content is a {type(content).__name__}")
+
+
+def _loss_weight(value: Any, key: str, turn: int, role: Any) -> int | None:
+    """A message's loss weight as 0 or 1 (booleans count), None when absent. Other values are refused
+    rather than rounded: a fractional weight would need a weighted loss, which training does not have."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        return int(value)
+    raise _RowProblem(
+        UNSUPPORTED_LOSS_WEIGHT,
+        f"message {turn} ({role}) has {key}={value!r}; only 0 (not trained) and 1 (trained) are "
+        f"supported. Fix: set {key} to 0 or 1 in the data (or map another key: data.columns.loss_weight)",
+    )
 
 
 def _required(row: Mapping[str, Any], column: str) -> Any:

@@ -1,10 +1,12 @@
 """Answers from a model for chat conversations, and exact-match scoring against references.
 
-`generate_replies` serves the run's held-out samples, `qlora-generate` and `qlora-chat` alike:
-render with the tokenizer's chat template, generate (greedy unless configured otherwise), stop at
-the template's end-of-turn token, decode. `HeldOutSamples` is the Trainer callback that generates
-for a fixed seeded set of validation prompts before training, optionally at every evaluation, and
-after training (with the in-memory model: no reload), and writes `samples.jsonl`.
+`generate_replies` serves `qlora-generate` and `qlora-chat`: render with the tokenizer's chat
+template, generate (greedy unless configured otherwise), stop at the template's end-of-turn token,
+decode. `HeldOutSamples` is the Trainer callback that generates for a fixed seeded set of validation
+prompts before training, optionally at every evaluation, and after training (with the in-memory
+model: no reload), and writes `samples.jsonl`. Its prompts are what training saw before the reply:
+rendered with the chat template for conversations, tokenized as they are for raw data (plain text,
+string prompt/completion pairs), which the model learnt to continue without a template.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import peft
 import torch
@@ -30,8 +33,10 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from qlora_exp.data import DataModule, Message
+from qlora_exp.data import DataModule
+from qlora_exp.data_formats import Conversation, Message
 from qlora_exp.schema import EvalConfig
+from qlora_exp.tokenization import raw_turn_ids, split_raw_text
 from qlora_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.jsonl"
 # A transformers model, or one wrapped by peft (which forwards generate to it).
 GenerativeModel = PreTrainedModel | peft.PeftModel
+T = TypeVar("T")
 
 
 def stop_token_ids(model: GenerativeModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -109,16 +115,30 @@ def generate_replies(
     streamer: BaseStreamer | None = None,
 ) -> list[str]:
     """The model's next assistant turn for each conversation (each ends with a user turn)."""
+    prompts = [prompt_token_ids(tokenizer, messages) for messages in conversations]
+    return generate_continuations(model, tokenizer, prompts, cfg, streamer)
+
+
+def generate_continuations(
+    model: GenerativeModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    cfg: EvalConfig,
+    streamer: BaseStreamer | None = None,
+) -> list[str]:
+    """What the model writes after each prompt (token ids), decoded without special tokens and
+    stripped; `cfg.batch_size` prompts at a time."""
     generation_config = build_generation_config(cfg, model, tokenizer)
     device = next(model.parameters()).device
     replies: list[str] = []
     with inference_mode(model):
-        for start in range(0, len(conversations), cfg.batch_size):
-            rendered = [prompt_token_ids(tokenizer, m) for m in conversations[start : start + cfg.batch_size]]
+        for start in range(0, len(prompts), cfg.batch_size):
             # Left padding: every row's reply starts at the same position.
-            batch = tokenizer.pad({"input_ids": rendered}, padding_side="left", return_tensors="pt").to(
-                device
-            )
+            batch = tokenizer.pad(
+                {"input_ids": prompts[start : start + cfg.batch_size]},
+                padding_side="left",
+                return_tensors="pt",
+            ).to(device)
             # mypy takes peft's forwarded `generate` for nn.Module.__getattr__'s Tensor, hence the ignore.
             output = model.generate(**batch, generation_config=generation_config, streamer=streamer)  # type: ignore[operator]
             new_tokens = output[:, batch["input_ids"].shape[1] :]
@@ -150,7 +170,49 @@ def split_reference(messages: list[Message]) -> tuple[list[Message], str]:
     return messages[:last], messages[last]["content"]
 
 
-def select_conversations(conversations: list[list[Message]], count: int, seed: int) -> list[list[Message]]:
+@dataclass(frozen=True)
+class HeldOutPrompt:
+    """One held-out sample: the model's input as token ids and as text (for samples.jsonl), and the
+    reference it should write."""
+
+    text: str
+    token_ids: list[int]
+    reference: str
+
+
+def held_out_prompt(conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> HeldOutPrompt:
+    """The conversation before its last assistant turn as the model's input, that turn as the reference.
+
+    A chat conversation is rendered with the chat template up to where the model's turn starts (the
+    text shown is its last prompt turn). A raw one is tokenized as training tokenized it, without a
+    template (`raw_turn_ids`): a string prompt/completion pair prompts with the prompt's ids; a text
+    row, which has no prompt, gives the first half of its tokens (at least one) to continue and the
+    rest as the reference.
+    """
+    prompt, reference = split_reference(conversation.messages)
+    if not conversation.raw:
+        return HeldOutPrompt(prompt[-1]["content"], prompt_token_ids(tokenizer, prompt), reference)
+    if prompt:
+        ids = [token for turn in raw_turn_ids(prompt, tokenizer) for token in turn]
+        return HeldOutPrompt(prompt[-1]["content"], ids, reference)
+    head, rest = split_raw_text(reference, tokenizer)
+    # Both decoded as the generation is, so that exact match compares like with like.
+    text, continuation = tokenizer.batch_decode([head, rest], skip_special_tokens=True)
+    return HeldOutPrompt(text, head, continuation)
+
+
+def can_prompt(conversation: Conversation) -> bool:
+    """Whether a held-out sample can be made of it: it has an assistant turn, and, unless raw (a text
+    row continues its own first half), a turn before the last one (a chat template cannot render an
+    empty conversation; `data.train_on_prompt` keeps conversations that open with the assistant)."""
+    roles = [message["role"] for message in conversation.messages]
+    if "assistant" not in roles:
+        return False
+    last = len(roles) - 1 - roles[::-1].index("assistant")
+    return conversation.raw or last > 0
+
+
+def select_conversations(conversations: Sequence[T], count: int, seed: int) -> list[T]:
     """A seeded subset of `count` conversations, in their original order (all when fewer)."""
     if count >= len(conversations):
         return list(conversations)
@@ -170,16 +232,17 @@ class HeldOutSamples(TrainerCallback):
         self.tokenizer = data.tokenizer
         self.run_dir = run_dir
         self.tracker = tracker
-        chosen = select_conversations(data.val_conversations, cfg.num_samples, data.seed)
-        pairs = [split_reference(messages) for messages in chosen]
-        self.prompts = [prompt for prompt, _ in pairs]
-        self.references = [reference for _, reference in pairs]
+        usable = [conversation for conversation in data.val_conversations if can_prompt(conversation)]
+        chosen = select_conversations(usable, cfg.num_samples, data.seed)
+        self.prompts = [held_out_prompt(conversation, data.tokenizer) for conversation in chosen]
+        self.references = [prompt.reference for prompt in self.prompts]
         self.before: list[str] | None = None
         self.metrics: dict[str, Any] = {}
         self.training = False  # on_evaluate also fires for trainer.evaluate() outside train()
 
     def _generate(self, model: GenerativeModel, when: str, step: int) -> list[str]:
-        generations = generate_replies(model, self.tokenizer, self.prompts, self.cfg)
+        token_ids = [prompt.token_ids for prompt in self.prompts]
+        generations = generate_continuations(model, self.tokenizer, token_ids, self.cfg)
         rate = exact_match_rate(generations, self.references)
         log.info("exact match %s: %.3f on %d held-out prompts", when, rate, len(self.prompts))
         self.tracker.log({f"samples/exact_match_{when}": rate}, step=step)
@@ -189,12 +252,12 @@ class HeldOutSamples(TrainerCallback):
     def _rows(self, generations: list[str]) -> list[dict[str, Any]]:
         return [
             {
-                "prompt": prompt[-1]["content"],
-                "reference": reference,
+                "prompt": prompt.text,
+                "reference": prompt.reference,
                 "generation": generation,
-                "exact_match": is_exact_match(generation, reference),
+                "exact_match": is_exact_match(generation, prompt.reference),
             }
-            for prompt, reference, generation in zip(self.prompts, self.references, generations, strict=True)
+            for prompt, generation in zip(self.prompts, generations, strict=True)
         ]
 
     def on_train_begin(

@@ -134,6 +134,7 @@ class DataColumnsConfig:
     text: str = "text"
     role: str = "role"  # a message's role key; ShareGPT's `from` is read when this key is absent
     content: str = "content"  # a message's text key; ShareGPT's `value` is read when this key is absent
+    loss_weight: str = "loss_weight"  # a message's 0/1 key: 0 leaves that turn untrained
 
 
 @dataclass
@@ -178,6 +179,25 @@ class DataConfig:
             "is required when data.source=hub",
             "pass data.hub_id=OWNER/NAME (and data.split, data.revision as needed)",
         )
+        # A setting the chosen source does not read would be ignored in silence (`data.path=x.jsonl`
+        # alone used to train on the synthetic rows). Only None-defaulted keys can tell "set" apart.
+        _require(
+            self.path is None or self.source == "local",
+            "data.path",
+            f"is set but data.source={self.source} does not read it",
+            f"pick the local source too: data=local data.path={self.path}",
+        )
+        for key, value in (
+            ("hub_id", self.hub_id),
+            ("hub_config", self.hub_config),
+            ("revision", self.revision),
+        ):
+            _require(
+                value is None or self.source == "hub",
+                f"data.{key}",
+                f"is set but data.source={self.source} does not read it",
+                f"pick the hub source too: data=hub data.{key}={value}",
+            )
         _require_choice(self.format, "data.format", DATA_FORMATS)
         for role, target in self.role_map.items():
             _require(

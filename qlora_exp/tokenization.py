@@ -8,6 +8,8 @@ Where it fails (Mistral moves the system prompt into the last user turn, Qwen3 s
 turns' reasoning), the assistant turns are located in the full rendering by their text and the
 template's end-of-turn marker, through the fast tokenizer's character offsets; an example that
 cannot be located either is dropped (counted) instead of being trained with wrong labels.
+An assistant turn with `loss_weight` 0 in the data is masked like a prompt turn (also with
+`train_on_prompt`), by the same two methods.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from functools import lru_cache
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from qlora_exp.data_formats import Conversation, Drop, Message
+from qlora_exp.data_formats import UNSUPPORTED_LOSS_WEIGHT, Conversation, Drop, Message
 from qlora_exp.embedded_model import GEMMA_CHAT_TEMPLATE
 from qlora_exp.errors import DataError
 
@@ -92,12 +94,38 @@ ENCODE_BATCH_SIZE = 256  # conversations whose template renderings are tokenized
 Rendered = list[int] | TemplateError  # a rendering's ids, or the template's refusal of that prefix
 
 
+def relabelled_turns(conversation: Conversation, train_on_prompt: bool) -> list[int] | Drop:
+    """The assistant turns labelled unlike the rest of the conversation: the trained ones (loss_weight
+    not 0), or with `train_on_prompt`, where everything else is trained, those with loss_weight 0.
+
+    A system or user turn whose loss_weight asks the opposite of `train_on_prompt` is a Drop: prompt
+    turns are trained all together or not at all, never one by one.
+    """
+    weights = conversation.loss_weights or [None] * len(conversation.messages)
+    turns = []
+    for turn, (message, weight) in enumerate(zip(conversation.messages, weights, strict=True)):
+        if message["role"] == "assistant":
+            if (weight != 0) != train_on_prompt:
+                turns.append(turn)
+        elif weight is not None and bool(weight) != train_on_prompt:
+            return Drop(
+                UNSUPPORTED_LOSS_WEIGHT,
+                f"message {turn} ({message['role']}) has loss_weight {weight}, but "
+                f"{message['role']} turns are {'all' if train_on_prompt else 'never'} trained with "
+                f"data.train_on_prompt={str(train_on_prompt).lower()}. Fix: set "
+                f"data.train_on_prompt={str(not train_on_prompt).lower()} or drop loss_weight from "
+                "system and user messages",
+            )
+    return turns
+
+
 def _template_texts(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], train_on_prompt: bool
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], turns: list[int]
 ) -> list[str | TemplateError]:
-    """The renderings masking compares: the whole conversation, then for each assistant turn the prompt
-    before it (with the generation prompt) and the conversation up to it. A refused rendering is kept
-    as its error and raised when masking reaches it, as rendering turn by turn would."""
+    """The renderings masking compares: the whole conversation, then for each of the assistant `turns`
+    (see `relabelled_turns`) the prompt before it (with the generation prompt) and the conversation up
+    to it. A refused rendering is kept as its error and raised when masking reaches it, as rendering
+    turn by turn would."""
 
     def render(prefix: list[Message], generation_prompt: bool) -> str | TemplateError:
         if not prefix:  # transformers refuses to render an empty conversation
@@ -111,19 +139,17 @@ def _template_texts(
 
     whole = render(messages, False)
     texts = [whole]
-    if train_on_prompt or isinstance(whole, TemplateError):
+    if isinstance(whole, TemplateError):
         return texts
-    for turn, message in enumerate(messages):
-        if message["role"] == "assistant":
-            last = turn == len(messages) - 1  # up to the last turn is the whole: not rendered again
-            texts += [render(messages[:turn], True), whole if last else render(messages[: turn + 1], False)]
+    for turn in turns:
+        last = turn == len(messages) - 1  # up to the last turn is the whole: not rendered again
+        texts += [render(messages[:turn], True), whole if last else render(messages[: turn + 1], False)]
     return texts
 
 
-def _labelled(
-    messages: list[Message], rendered: list[Rendered], train_on_prompt: bool
-) -> dict[str, list[int]]:
-    """Ids of the whole rendering; labels: ids on assistant turns (end of turn included), else -100."""
+def _labelled(rendered: list[Rendered], turns: list[int], train_on_prompt: bool) -> dict[str, list[int]]:
+    """Ids of the whole rendering; labels: -100 everywhere (ids everywhere with `train_on_prompt`) except
+    on the assistant `turns` (end of turn included), which get the opposite."""
 
     def ids(index: int) -> list[int]:
         result = rendered[index]
@@ -133,36 +159,40 @@ def _labelled(
 
     input_ids = ids(0)
     labels = list(input_ids) if train_on_prompt else [IGNORE_INDEX] * len(input_ids)
-    if not train_on_prompt:
-        assistant_turns = [turn for turn, message in enumerate(messages) if message["role"] == "assistant"]
-        for index, turn in enumerate(assistant_turns):
-            prompt, upto = ids(1 + 2 * index), ids(2 + 2 * index)
-            if input_ids[: len(upto)] != upto or upto[: len(prompt)] != prompt:
-                raise TemplateMismatch(
-                    f"the chat template renders the conversation up to turn {turn} unlike the whole "
-                    "(not a token prefix), so prompt masking would be wrong. Fix: set data.chat_template "
-                    f"to a prefix-consistent template (e.g. {', '.join(NAMED_TEMPLATES)})"
-                )
-            labels[len(prompt) : len(upto)] = input_ids[len(prompt) : len(upto)]
+    for index, turn in enumerate(turns):
+        prompt, upto = ids(1 + 2 * index), ids(2 + 2 * index)
+        if input_ids[: len(upto)] != upto or upto[: len(prompt)] != prompt:
+            raise TemplateMismatch(
+                f"the chat template renders the conversation up to turn {turn} unlike the whole "
+                "(not a token prefix), so prompt masking would be wrong. Fix: set data.chat_template "
+                f"to a prefix-consistent template (e.g. {', '.join(NAMED_TEMPLATES)})"
+            )
+        span = len(upto) - len(prompt)
+        labels[len(prompt) : len(upto)] = (
+            [IGNORE_INDEX] * span if train_on_prompt else input_ids[len(prompt) : len(upto)]
+        )
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
 def _tokenize_templated(
-    conversations: list[list[Message]], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool
+    conversations: list[tuple[list[Message], list[int]]],
+    tokenizer: PreTrainedTokenizerBase,
+    train_on_prompt: bool,
 ) -> list[dict[str, list[int]] | TemplateMismatch | TemplateError]:
-    """`tokenize_conversation` for many, each result or its error. Every distinct rendering of the batch
-    is tokenized in one call: the Rust tokenizer encodes a batch on all cores, without the per-call
-    overhead that dominated tokenizing each rendering on its own (see BENCHMARKS.md, CPU data pipeline)."""
-    texts = [_template_texts(tokenizer, messages, train_on_prompt) for messages in conversations]
+    """`tokenize_conversation` for many (messages with their `relabelled_turns`), each result or its
+    error. Every distinct rendering of the batch is tokenized in one call: the Rust tokenizer encodes a
+    batch on all cores, without the per-call overhead that dominated tokenizing each rendering on its
+    own (see BENCHMARKS.md, CPU data pipeline)."""
+    texts = [_template_texts(tokenizer, messages, turns) for messages, turns in conversations]
     distinct = list(dict.fromkeys(text for group in texts for text in group if isinstance(text, str)))
     # add_special_tokens=False: what apply_chat_template(tokenize=True) passes (the template writes them).
     encoded = tokenizer(distinct, add_special_tokens=False)["input_ids"] if distinct else []
     ids = dict(zip(distinct, encoded, strict=True))
     results: list[dict[str, list[int]] | TemplateMismatch | TemplateError] = []
-    for messages, group in zip(conversations, texts, strict=True):
+    for (_, turns), group in zip(conversations, texts, strict=True):
         rendered = [text if isinstance(text, TemplateError) else list(ids[text]) for text in group]
         try:
-            results.append(_labelled(messages, rendered, train_on_prompt))
+            results.append(_labelled(rendered, turns, train_on_prompt))
         except (TemplateMismatch, TemplateError) as exc:
             results.append(exc)
     return results
@@ -172,24 +202,25 @@ def tokenize_conversation(
     messages: list[Message], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool = False
 ) -> dict[str, list[int]]:
     """Ids of the rendered conversation; labels: ids on assistant turns (end of turn included), else -100."""
-    result = _tokenize_templated([messages], tokenizer, train_on_prompt)[0]
+    turns = relabelled_turns(Conversation(messages), train_on_prompt)
+    assert isinstance(turns, list)  # only loss weights, which these messages lack, can make it a Drop
+    result = _tokenize_templated([(messages, turns)], tokenizer, train_on_prompt)[0]
     if isinstance(result, Exception):
         raise result
     return result
 
 
 def tokenize_by_offsets(
-    messages: list[Message], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool = False
+    messages: list[Message], turns: list[int], tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool
 ) -> dict[str, list[int]]:
-    """Labels from where each assistant turn's text (and the end-of-turn marker after it) lies in the
-    full rendering; for templates whose prefixes are not token prefixes of the whole."""
+    """Labels as `_labelled` gives them, with each of the assistant `turns` located by where its text
+    (and the end-of-turn marker after it) lies in the full rendering; for templates whose prefixes are
+    not token prefixes of the whole."""
     text = str(tokenizer.apply_chat_template(messages, tokenize=False))
     if not tokenizer.is_fast:
         raise TemplateMismatch("locating turns needs a fast tokenizer's offsets; this one is slow")
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
-    if train_on_prompt:
-        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": list(input_ids)}
     suffix = end_of_turn_marker(tokenizer)
     spans, cursor = [], 0
     for turn, message in enumerate(messages):
@@ -205,10 +236,11 @@ def tokenize_by_offsets(
         if message["role"] == "assistant":
             if suffix and text.startswith(suffix, cursor):
                 cursor += len(suffix)
-            spans.append((start, cursor))
+            if turn in turns:
+                spans.append((start, cursor))
     labels = [
         token
-        if any(begin < end_span and end > start_span for start_span, end_span in spans)
+        if any(begin < end_span and end > start_span for start_span, end_span in spans) != train_on_prompt
         else IGNORE_INDEX
         for token, (begin, end) in zip(input_ids, encoded["offset_mapping"], strict=True)
     ]
@@ -241,8 +273,7 @@ def tokenize_raw(
     labels on assistant parts and the EOS (on everything with `train_on_prompt`)."""
     input_ids: list[int] = []
     labels: list[int] = []
-    for index, message in enumerate(messages):
-        ids = list(tokenizer(message["content"], add_special_tokens=index == 0)["input_ids"])
+    for message, ids in zip(messages, raw_turn_ids(messages, tokenizer), strict=True):
         trained = train_on_prompt or message["role"] == "assistant"
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
@@ -251,6 +282,38 @@ def tokenize_raw(
         input_ids.append(eos)
         labels.append(eos)
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def raw_turn_ids(messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Each turn of a raw conversation as `tokenize_raw` trains it: the text as it is, with the special
+    tokens the tokenizer adds (BOS) on the first turn only. Generation prompts with the same ids."""
+    return [
+        list(tokenizer(message["content"], add_special_tokens=index == 0)["input_ids"])
+        for index, message in enumerate(messages)
+    ]
+
+
+def split_raw_text(text: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """A text row's ids as `tokenize_raw` starts them, cut after the first half of its text tokens (at
+    least one, and moved on to the end of a character): the head, with the special tokens the
+    tokenizer puts in front (BOS), for the model to continue, and the text tokens after it, the
+    continuation it was trained on."""
+    encoded = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True)
+    ids, special = list(encoded["input_ids"]), list(encoded["special_tokens_mask"])
+    positions = [index for index, flag in enumerate(special) if not flag]
+    if not positions:  # nothing but special tokens: nothing to continue
+        return ids, []
+
+    def inside_a_character(count: int) -> bool:
+        # Byte-level tokenizers split a CJK character over tokens; a cut between them would show as
+        # U+FFFD at the end of the prompt and the start of the reference.
+        return tokenizer.batch_decode([ids[: positions[count - 1] + 1]])[0].endswith("\ufffd")
+
+    count = max(1, len(positions) // 2)
+    while count < len(positions) and inside_a_character(count):
+        count += 1
+    cut = positions[count - 1] + 1
+    return ids[:cut], [token for token, flag in zip(ids[cut:], special[cut:], strict=True) if not flag]
 
 
 @lru_cache(maxsize=8)
@@ -274,10 +337,23 @@ def encode_conversations(
     results: list[Encoded | Drop] = []
     for start in range(0, len(conversations), ENCODE_BATCH_SIZE):
         batch = conversations[start : start + ENCODE_BATCH_SIZE]
+        # Raw conversations have no template turns (and no loss weights: they come from plain strings).
+        plans = [[] if c.raw else relabelled_turns(c, train_on_prompt) for c in batch]
         templated = iter(
-            _tokenize_templated([c.messages for c in batch if not c.raw], tokenizer, train_on_prompt)
+            _tokenize_templated(
+                [
+                    (c.messages, turns)
+                    for c, turns in zip(batch, plans, strict=True)
+                    if not c.raw and isinstance(turns, list)
+                ],
+                tokenizer,
+                train_on_prompt,
+            )
         )
-        for conversation in batch:
+        for conversation, turns in zip(batch, plans, strict=True):
+            if isinstance(turns, Drop):
+                results.append(turns)
+                continue
             tokenized = (
                 tokenize_raw(conversation.messages, tokenizer, train_on_prompt)
                 if conversation.raw
@@ -286,6 +362,7 @@ def encode_conversations(
             results.append(
                 _encoded_or_drop(
                     conversation,
+                    turns,
                     tokenized,
                     tokenizer,
                     max_length=max_length,
@@ -309,6 +386,7 @@ def encode_conversation(
 
 def _encoded_or_drop(
     conversation: Conversation,
+    turns: list[int],
     tokenized: dict[str, list[int]] | TemplateMismatch | TemplateError,
     tokenizer: PreTrainedTokenizerBase,
     *,
@@ -321,7 +399,7 @@ def _encoded_or_drop(
     try:
         if isinstance(tokenized, TemplateMismatch):
             _warn_locating_turns(str(tokenizer.chat_template))
-            tokenized = tokenize_by_offsets(conversation.messages, tokenizer, train_on_prompt)
+            tokenized = tokenize_by_offsets(conversation.messages, turns, tokenizer, train_on_prompt)
         elif isinstance(tokenized, TemplateError):
             raise tokenized
     except TemplateMismatch as exc:

@@ -43,3 +43,22 @@ def test_user_data_settings_compose() -> None:
     data = schema.data
     assert (data.source, data.format, data.columns.conversations) == ("local", "sharegpt", "dialog")
     assert data.role_map == {"observation": "user"} and data.packing == "padding_free" and schema.dry_run
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "fix"),
+    [
+        (["data.path=x.jsonl"], "data.path", "data=local data.path=x.jsonl"),
+        (["data=hub", "data.hub_id=OWNER/NAME", "data.path=x.jsonl"], "data.path", "data=local"),
+        (["data=local", "data.path=x.jsonl", "data.hub_id=OWNER/NAME"], "data.hub_id", "data=hub"),
+        (["data.hub_config=en"], "data.hub_config", "data=hub data.hub_config=en"),
+        (["data.revision=abc123"], "data.revision", "data=hub"),
+    ],
+)
+def test_a_setting_the_source_does_not_read_is_refused_with_the_fix(
+    overrides: list[str], key: str, fix: str
+) -> None:
+    """`data.path=my.jsonl` without `data=local` used to train on the synthetic rows in silence."""
+    with pytest.raises(ConfigError, match=rf"{key}: is set but data.source=\w+ does not read it") as error:
+        to_schema(compose_config(*overrides))
+    assert fix in str(error.value)

@@ -9,6 +9,7 @@ from qlora_exp.data_formats import (
     MISSING_FIELD,
     NON_TEXT,
     UNMAPPABLE_ROLE,
+    UNSUPPORTED_LOSS_WEIGHT,
     Conversation,
     Drop,
     detect_format,
@@ -163,3 +164,43 @@ def test_bad_rows_are_dropped_with_a_reason(row: object, fmt: str, reason: str) 
 
 def test_empty_system_turn_is_skipped_not_dropped() -> None:
     assert _convert({"messages": [{"role": "system", "content": ""}, *QA]}, "messages") == Conversation(QA)
+
+
+def test_content_parts_carrying_value_and_loss_weights_travel_with_the_conversation() -> None:
+    """An export format: every content part is `{"type": "text", "value": ...}`, every message may
+    carry a `loss_weight` (0 or 1; booleans count)."""
+    row = {
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "value": "Be brief."}], "loss_weight": 0},
+            {
+                "role": "user",
+                "content": [{"type": "text", "value": "What is "}, {"type": "text", "value": "1 + 1?"}],
+                "loss_weight": 0.0,
+            },
+            {"role": "assistant", "content": [{"type": "text", "value": "2"}], "loss_weight": 0},
+            {"role": "user", "content": [{"type": "text", "value": "而 2 + 2 呢？"}]},
+            {"role": "assistant", "content": [{"type": "text", "value": "4"}], "loss_weight": True},
+        ]
+    }
+    assert _convert(row, "messages") == Conversation(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 1 + 1?"},
+            {"role": "assistant", "content": "2"},
+            {"role": "user", "content": "而 2 + 2 呢？"},
+            {"role": "assistant", "content": "4"},
+        ],
+        loss_weights=[0, 0, 0, None, 1],
+    )
+    renamed = {"messages": [QA[0], {**QA[1], "weight": 0}]}
+    assert _convert(renamed, "messages", loss_weight="weight") == Conversation(QA, loss_weights=[None, 0])
+    # Rows without any loss_weight keep the plain form.
+    assert _convert({"messages": QA}, "messages") == Conversation(QA)
+
+
+@pytest.mark.parametrize("weight", [0.5, 2, "1", [1]])
+def test_a_loss_weight_other_than_0_or_1_is_dropped_naming_the_fix(weight: object) -> None:
+    row = {"messages": [QA[0], {**QA[1], "loss_weight": weight}]}
+    result = _convert(row, "messages")
+    assert isinstance(result, Drop) and result.reason == UNSUPPORTED_LOSS_WEIGHT
+    assert "message 1 (assistant)" in result.detail and "Fix: set loss_weight to 0 or 1" in result.detail

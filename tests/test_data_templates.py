@@ -242,3 +242,25 @@ def test_overlength_policies(base_tokenizer: PreTrainedTokenizerBase) -> None:
     first_answer = full.labels.index(next(label for label in full.labels if label != IGNORE_INDEX))
     empty = _encode(MULTI_TURN, tokenizer, max_length=first_answer, overlength="truncate")
     assert isinstance(empty, Drop) and empty.reason == NO_TRAINABLE_TOKENS
+
+
+@pytest.mark.parametrize(
+    ("template", "trained", "masked"),
+    [(QWEN_STYLE, "4|<|im_end|>|\n", "2|<|im_end|>|\n"), (MISTRAL_STYLE, "4|<eos>", "2|<eos>")],
+)
+def test_an_answer_with_loss_weight_zero_is_masked_and_one_is_trained(
+    base_tokenizer: PreTrainedTokenizerBase, template: str, trained: str, masked: str
+) -> None:
+    """Weights hold with both masking methods: Mistral's rendering up to the masked first answer puts
+    the system prompt elsewhere than the whole does, so with train_on_prompt that turn is located."""
+    weighted = Conversation(MULTI_TURN.messages, loss_weights=[None, None, 0, None, 1])
+    tokenizer = _tokenizer(base_tokenizer, template)
+    assert _trained_text(tokenizer, _encode(weighted, tokenizer)) == trained
+    everything = _encode(weighted, tokenizer, train_on_prompt=True)
+    assert isinstance(everything, Encoded)
+    untrained = "|".join(
+        tokenizer.decode([token])
+        for token, label in zip(everything.input_ids, everything.labels, strict=True)
+        if label == IGNORE_INDEX
+    )
+    assert untrained == masked

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from qlora_exp.data_formats import Conversation
+from qlora_exp.embedded_model import resolve_embedded
 from qlora_exp.errors import ConfigError
 from qlora_exp.generation import (
     build_generation_config,
+    can_prompt,
     exact_match_rate,
     generate_replies,
+    held_out_prompt,
     is_exact_match,
+    prompt_token_ids,
     select_conversations,
     split_reference,
 )
 from qlora_exp.model import build_quantized_model, load_tokenizer
 from qlora_exp.schema import EvalConfig, to_schema
+from qlora_exp.tokenization import IGNORE_INDEX, tokenize_raw
 from qlora_exp.training import eval_history, perplexity
 from tests.conftest import compose_config
 
@@ -149,3 +156,65 @@ def test_generation_runs_a_flex_attention_model_with_eager_attention_and_restore
     finally:
         hook.remove()
         base.set_attn_implementation(original)
+
+
+@pytest.fixture(params=[False, True], ids=["no-bos", "bos"])
+def raw_tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerBase:
+    """The embedded tokenizer as it is (no BOS), and adding a BOS as Gemma's and Llama's do."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_embedded("embedded:tiny-gemma2"))
+    tokenizer.add_bos_token = request.param
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "text", ["Once upon a time there was a small dog.", "从前有一只小狗，它很喜欢跑步。", "狗很好"]
+)
+def test_a_text_row_is_continued_from_the_first_half_of_its_training_tokens(
+    raw_tokenizer: PreTrainedTokenizerBase, text: str
+) -> None:
+    turn = [{"role": "assistant", "content": text}]
+    sample = held_out_prompt(Conversation(turn, raw=True), raw_tokenizer)
+    # The prompt is a prefix of the ids training saw, the BOS included where the tokenizer adds one ...
+    assert tokenize_raw(turn, raw_tokenizer)["input_ids"][: len(sample.token_ids)] == sample.token_ids
+    assert (sample.token_ids[0] == raw_tokenizer.bos_token_id) == raw_tokenizer.add_bos_token
+    # ... holding half of the text's tokens (more only to end on a whole character: "狗很好") ...
+    half = len(raw_tokenizer(text, add_special_tokens=False)["input_ids"]) // 2
+    assert half <= len(sample.token_ids) - int(raw_tokenizer.add_bos_token) <= half + 3
+    # ... and prompt and reference are the text cut in two.
+    assert sample.text + sample.reference == text and sample.text and sample.reference
+    assert "\ufffd" not in sample.text + sample.reference
+
+
+def test_a_one_token_text_is_still_a_prompt(raw_tokenizer: PreTrainedTokenizerBase) -> None:
+    sample = held_out_prompt(Conversation([{"role": "assistant", "content": "a"}], raw=True), raw_tokenizer)
+    assert (sample.text, sample.reference) == ("a", "")
+
+
+def test_a_raw_prompt_completion_pair_prompts_with_the_untrained_head_of_its_training_ids(
+    raw_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    messages = [{"role": "user", "content": "What is 3 + 5?"}, {"role": "assistant", "content": " 8"}]
+    sample = held_out_prompt(Conversation(messages, raw=True), raw_tokenizer)
+    trained = tokenize_raw(messages, raw_tokenizer)
+    length = len(sample.token_ids)
+    assert trained["input_ids"][:length] == sample.token_ids
+    assert set(trained["labels"][:length]) == {IGNORE_INDEX} and trained["labels"][length] != IGNORE_INDEX
+    assert (sample.text, sample.reference) == ("What is 3 + 5?", " 8")
+    assert "<start_of_turn>" not in raw_tokenizer.decode(sample.token_ids), "no chat template"
+
+
+def test_a_chat_conversation_prompts_through_the_chat_template(
+    raw_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    messages = conversation("What is 2 + 3?", "5")
+    sample = held_out_prompt(Conversation(messages), raw_tokenizer)
+    assert sample.token_ids == prompt_token_ids(raw_tokenizer, messages[:1])
+    assert (sample.text, sample.reference) == ("What is 2 + 3?", "5")
+
+
+def test_only_conversations_with_something_to_prompt_with_become_samples() -> None:
+    assert can_prompt(Conversation([{"role": "assistant", "content": "Once upon a time."}], raw=True))
+    assert can_prompt(Conversation(conversation("q", "a")))
+    # An opening assistant turn (kept by data.train_on_prompt) leaves the chat template nothing to render.
+    assert not can_prompt(Conversation([{"role": "assistant", "content": "Hello!"}]))
+    assert not can_prompt(Conversation([{"role": "user", "content": "Hi"}]))

@@ -6,9 +6,10 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qlora_exp.data import IGNORE_INDEX, alpaca_to_messages, tokenize_conversation
-from qlora_exp.data_formats import Conversation, Drop
+from qlora_exp.data_formats import UNSUPPORTED_LOSS_WEIGHT, Conversation, Drop, to_conversation
 from qlora_exp.embedded_model import resolve_embedded
-from qlora_exp.tokenization import ASSISTANT_FIRST, Encoded, encode_conversation
+from qlora_exp.schema import DataColumnsConfig
+from qlora_exp.tokenization import ASSISTANT_FIRST, NO_TRAINABLE_TOKENS, Encoded, encode_conversation
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +81,83 @@ def test_a_conversation_opening_with_the_assistant_is_dropped_with_the_fix(
 def test_rows_with_empty_fields_are_not_conversations() -> None:
     assert alpaca_to_messages({"instruction": "", "output": "x"}) is None
     assert alpaca_to_messages({"instruction": "x", "output": "  "}) is None
+
+
+def _weighted(*weights: int | None) -> Conversation:
+    """user / assistant "2" / user / assistant "4" with these loss weights, parsed from content parts
+    that carry `value`, as the DataModule parses a row."""
+    texts = [("user", "What is 1 + 1?"), ("assistant", "2"), ("user", "And 2 + 2?"), ("assistant", "4")]
+    messages: list[dict[str, object]] = []
+    for (role, text), weight in zip(texts, weights, strict=True):
+        message: dict[str, object] = {"role": role, "content": [{"type": "text", "value": text}]}
+        if weight is not None:
+            message["loss_weight"] = weight
+        messages.append(message)
+    conversation = to_conversation({"messages": messages}, "messages", DataColumnsConfig(), {})
+    assert isinstance(conversation, Conversation), conversation
+    return conversation
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, train_on_prompt: bool = False
+) -> Encoded | Drop:
+    return encode_conversation(conversation, tokenizer, 512, "drop", train_on_prompt=train_on_prompt)
+
+
+def _prompt_length(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> int:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    return len(ids)
+
+
+def test_loss_weight_zero_masks_its_assistant_turn_and_one_trains_its_turn_exactly(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    conversation = _weighted(0, 0, 0, 1)
+    encoded = _encode(tokenizer, conversation)
+    assert isinstance(encoded, Encoded)
+    plain = tokenize_conversation(conversation.messages, tokenizer)  # no weights: both answers trained
+    assert encoded.input_ids == plain["input_ids"]
+    messages = conversation.messages
+    first, second = _prompt_length(tokenizer, messages[:1]), _prompt_length(tokenizer, messages[:3])
+    assert plain["labels"][first:second] != [IGNORE_INDEX] * (second - first)
+    # Everything before the trained answer, the loss_weight=0 answer included, is -100 ...
+    assert encoded.labels[:second] == [IGNORE_INDEX] * second
+    # ... and the loss_weight=1 answer with its end of turn is labelled token for token.
+    assert encoded.labels[second:] == encoded.input_ids[second:] == plain["labels"][second:]
+    assert tokenizer.decode(encoded.labels[second:]) == "4<end_of_turn>\n"
+
+
+def test_loss_weight_zero_masks_its_turn_with_train_on_prompt_too(tokenizer: PreTrainedTokenizerBase) -> None:
+    conversation = _weighted(None, 0, None, None)
+    encoded = _encode(tokenizer, conversation, train_on_prompt=True)
+    assert isinstance(encoded, Encoded)
+    start = _prompt_length(tokenizer, conversation.messages[:1])
+    end = len(tokenizer.apply_chat_template(conversation.messages[:2], return_dict=True)["input_ids"])
+    assert tokenizer.decode(encoded.input_ids[start:end]) == "2<end_of_turn>\n"
+    assert encoded.labels[start:end] == [IGNORE_INDEX] * (end - start)
+    assert (
+        encoded.labels[:start] + encoded.labels[end:] == encoded.input_ids[:start] + encoded.input_ids[end:]
+    )
+
+
+@pytest.mark.parametrize(
+    ("weight", "train_on_prompt", "fix"),
+    [(1, False, "data.train_on_prompt=true"), (0, True, "data.train_on_prompt=false")],
+)
+def test_a_prompt_turns_loss_weight_against_train_on_prompt_is_dropped_with_the_fix(
+    tokenizer: PreTrainedTokenizerBase, weight: int, train_on_prompt: bool, fix: str
+) -> None:
+    dropped = _encode(tokenizer, _weighted(weight, None, None, None), train_on_prompt)
+    assert isinstance(dropped, Drop) and dropped.reason == UNSUPPORTED_LOSS_WEIGHT
+    assert "message 0 (user) has loss_weight" in dropped.detail and f"Fix: set {fix}" in dropped.detail
+    # A prompt turn's weight that agrees with data.train_on_prompt changes nothing.
+    agreeing = _encode(tokenizer, _weighted(1 - weight, None, None, None), train_on_prompt)
+    assert isinstance(agreeing, Encoded)
+    assert agreeing == _encode(tokenizer, _weighted(None, None, None, None), train_on_prompt)
+
+
+def test_a_conversation_whose_answers_all_have_loss_weight_zero_is_dropped(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    dropped = _encode(tokenizer, _weighted(None, 0, None, 0))
+    assert isinstance(dropped, Drop) and dropped.reason == NO_TRAINABLE_TOKENS
