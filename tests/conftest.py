@@ -1,4 +1,6 @@
-"""Shared fixtures: the real composed config, shrunk; the embedded model built once per session."""
+"""Shared fixtures: the real composed config, shrunk; the embedded model and tokenizer built once per
+session; runs in-process (`train_in_process`) and, where the process itself is under test, as the
+console scripts (`run_cli`); one finished smoke run shared by every test that only reads a run."""
 
 from __future__ import annotations
 
@@ -11,12 +13,29 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from qlora_exp.embedded_model import resolve_embedded
+from qlora_exp.experiment import run_job
+from qlora_exp.run.context import RunContext
 from qlora_exp.schema import Config, register_configs, to_schema
+from qlora_exp.sweep import JobFailure
 from qlora_exp.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 register_configs()
+
+# 19 training rows, batch 2, 6 optimizer steps, a checkpoint every 2: seconds per step on a CPU.
+TINY_RUN = (
+    "experiment=smoke",
+    "data.synthetic_size=24",
+    "data.val_fraction=0.2",
+    "data.max_length=96",
+    "trainer.per_device_train_batch_size=2",
+    "trainer.max_steps=6",
+    "trainer.save_steps=2",
+    "trainer.warmup_steps=0",
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,6 +58,13 @@ def compose_config(*overrides: str) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
+def train_in_process(run_dir: Path, *overrides: str) -> float | JobFailure:
+    """`qlora-train OVERRIDES` in this process, in `run_dir`: what the console script runs after
+    Hydra composed the config (no train.log or .hydra/ files: those are Hydra's, tested through
+    `run_cli`). A failure raises SystemExit with the run's exit code, as the script exits."""
+    return run_job(compose_config(*overrides), RunContext(run_dir))
+
+
 @pytest.fixture
 def smoke_schema() -> Config:
     """The smoke experiment as validated schema objects."""
@@ -46,11 +72,19 @@ def smoke_schema() -> Config:
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer(embedded_cache: Path) -> PreTrainedTokenizerBase:
+    """The embedded tiny Gemma-2's tokenizer (tests must not change it: copy it first if they do)."""
+    return AutoTokenizer.from_pretrained(resolve_embedded("embedded:tiny-gemma2"))
+
+
+@pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory, embedded_cache: Path) -> Path:
-    """One finished smoke run (no held-out samples) shared by the tests that only read a run."""
+    """One finished smoke run through the real console script, evaluated every 2 steps, with
+    held-out samples: shared by every test that only reads a finished run."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    result = run_cli("qlora-train", "experiment=smoke", "eval.num_samples=0", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli("qlora-train", "experiment=smoke", "trainer.eval_steps=2", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert str(run_dir) in result.stdout + result.stderr
     return run_dir
 
 

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from qlora_exp import generate
 from qlora_exp.errors import ExitCode
-from tests.conftest import run_cli
+from tests.conftest import run_cli, train_in_process
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory, embedded_cache: Path) -> Path:
-    """One finished smoke run for the module, evaluated every 2 steps."""
-    run_dir = tmp_path_factory.mktemp("gen") / "run"
-    result = run_cli("qlora-train", "experiment=smoke", "trainer.eval_steps=2", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
 
 
 def read_samples(run_dir: Path) -> list[dict]:
@@ -46,7 +40,9 @@ def test_run_writes_samples_exact_match_and_eval_history(smoke_run: Path) -> Non
     assert metrics["eval_history"][-1]["eval_loss"] == pytest.approx(metrics["eval_loss"])
 
 
-def test_generate_file_reproduces_the_in_memory_generations(smoke_run: Path, tmp_path: Path) -> None:
+def test_generate_file_reproduces_the_in_memory_generations(
+    smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     samples = read_samples(smoke_run)
     prompts = tmp_path / "prompts.jsonl"
     lines = [{"prompt": row["prompt"], "id": i} for i, row in enumerate(samples)]
@@ -54,9 +50,8 @@ def test_generate_file_reproduces_the_in_memory_generations(smoke_run: Path, tmp
     prompts.write_text(
         "\n".join(json.dumps(line, ensure_ascii=False) for line in lines) + "\n\n", encoding="utf-8"
     )
-    result = run_cli("qlora-generate", str(smoke_run), "--file", str(prompts))
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = [json.loads(line) for line in result.stdout.splitlines()]
+    generate.main([str(smoke_run), "--file", str(prompts)])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["id"] for row in out] == list(range(len(samples)))  # input fields pass through
     # Same weights, template and greedy decoding (the run's eval settings) as the run's own
     # in-memory samples: the same text.
@@ -93,28 +88,38 @@ def test_generate_refuses_a_directory_that_is_not_a_finished_run(
     assert "not a finished run" in caplog.text
 
 
-def test_early_stopping_keeps_the_best_adapter_and_samples_every_eval(tmp_path: Path) -> None:
+def test_early_stopping_keeps_the_best_adapter_and_samples_every_eval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # A constant, far too high learning rate makes eval_loss rise within a few steps (seeded).
-    result = run_cli(
-        "qlora-train",
-        "experiment=smoke",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        "eval.num_samples=2",
-        "eval.max_new_tokens=2",
-        "eval.samples_every_eval=true",
-        "trainer.max_steps=8",
-        "trainer.eval_steps=1",
-        "trainer.learning_rate=0.05",
-        "trainer.lr_scheduler_type=constant",
-        "trainer.warmup_steps=0",
-        "trainer.early_stopping_patience=1",
-        "trainer.load_best_model_at_end=true",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    during = [entry["eval_loss"] for entry in metrics["eval_history"][1:-1]]
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        train_in_process(
+            run_dir,
+            "experiment=smoke",
+            "eval.num_samples=2",
+            "eval.max_new_tokens=2",
+            "eval.samples_every_eval=true",
+            "trainer.max_steps=8",
+            "trainer.eval_steps=1",
+            "trainer.learning_rate=0.05",
+            "trainer.lr_scheduler_type=constant",
+            "trainer.warmup_steps=0",
+            "trainer.early_stopping_patience=1",
+            "trainer.load_best_model_at_end=true",
+        )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    history = metrics["eval_history"]
+    during = history[1:-1]  # [0] is before training, [-1] the final evaluation
     assert metrics["train_steps"] < 8, "eval_loss rose, so training should have stopped early"
-    assert during[-1] > min(during)
-    # The final evaluation is of the reloaded best adapter, which is also what was saved.
-    assert metrics["eval_loss"] == pytest.approx(min(during))
-    assert "exact match during" in result.stdout + result.stderr  # eval.samples_every_eval at evaluations
+    best = min(during, key=lambda entry: entry["eval_loss"])
+    assert during[-1]["eval_loss"] > best["eval_loss"]
+    # The final evaluation is of the reloaded best adapter: the same weights, the same batches,
+    # the same kernels, so the same loss to the last bit.
+    assert metrics["eval_loss"] == best["eval_loss"]
+    # ...and the saved adapter is that checkpoint's, tensor for tensor.
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    kept = load_file(run_dir / "checkpoints" / f"checkpoint-{best['step']}" / "adapter_model.safetensors")
+    assert saved.keys() == kept.keys()
+    assert all(torch.equal(saved[name], kept[name]) for name in kept)
+    assert "exact match during" in caplog.text  # eval.samples_every_eval at evaluations

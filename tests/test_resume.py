@@ -14,22 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
-from tests.conftest import REPO, run_cli
+from qlora_exp import experiment
+from qlora_exp.errors import ExitCode
+from qlora_exp.training import build_trainer
+from tests.conftest import REPO, TINY_RUN, run_cli, train_in_process
 
 pytestmark = pytest.mark.slow
 
-# 19 training rows, batch 2, 6 optimizer steps, a checkpoint every 2: seconds per step on a CPU.
-TINY = (
-    "experiment=smoke",
-    "data.synthetic_size=24",
-    "data.val_fraction=0.2",
-    "data.max_length=96",
-    "trainer.per_device_train_batch_size=2",
-    "trainer.max_steps=6",
-    "trainer.save_steps=2",
-    "trainer.warmup_steps=0",
-)
+TINY = TINY_RUN
 ENV_CANARIES = {"HF_TOKEN": "hf_canaryEnvToken4821", "WANDB_API_KEY": "canaryWandbKey7731aa"}
 OVERRIDE_CANARY = "canaryOverrideSecret5512"
 
@@ -147,18 +141,50 @@ def test_sigkill_then_torn_checkpoint_resumes_from_last_complete(reference: Path
     assert_same_result(run_dir, reference)
 
 
-def test_non_finite_loss_stops_the_run(tmp_path: Path) -> None:
-    # Gemma-2 soft-caps its logits, so lr=1e6 only saturates the tiny model; 1e30 overflows to NaN.
+class PoisonLora(TrainerCallback):
+    """Writes NaN into one LoRA weight as step `step` begins: the fault the guard is for."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs) -> None:
+        if state.global_step + 1 == self.step:
+            weight = next(p for n, p in model.named_parameters() if "lora_A" in n)
+            with torch.no_grad():
+                weight[0, 0] = float("nan")
+
+
+def test_non_finite_loss_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def build_poisoned_trainer(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.add_callback(PoisonLora(step=2))
+        return trainer
+
+    monkeypatch.setattr(experiment, "build_trainer", build_poisoned_trainer)
     run_dir = tmp_path / "run"
-    result = run_cli(
-        "qlora-train", *TINY, "trainer.max_steps=3", "trainer.learning_rate=1e30", f"hydra.run.dir={run_dir}"
-    )
-    assert result.returncode == 4, result.stdout + result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        train_in_process(run_dir, *TINY, "trainer.max_steps=3")
+    assert exit_info.value.code == ExitCode.NUMERICAL
     failed = (run_dir / "FAILED").read_text()
     assert "NumericalError: step 2: loss or gradient norm is nan" in failed
     assert "trainer.nan_guard_patience=1" in failed
     assert not (run_dir / "adapter").exists() and not (run_dir / "COMPLETED").exists()
     assert not list((run_dir / "checkpoints").glob("checkpoint-*"))  # step 2 would have saved one
+
+
+def test_the_first_run_on_a_cold_cache_trains_like_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first run builds the embedded model inside the run, after seeding; the second loads it.
+    monkeypatch.setenv("QLORA_EXP_CACHE", str(tmp_path / "empty_cache"))
+    overrides = (*TINY, "trainer.max_steps=3", "eval.num_samples=0")
+    train_in_process(tmp_path / "cold", *overrides)
+    train_in_process(tmp_path / "warm", *overrides)
+    assert list((tmp_path / "empty_cache" / "embedded").iterdir())
+    cold, warm = (json.loads((tmp_path / run / "log_history.json").read_text()) for run in ("cold", "warm"))
+    steps = [(h["step"], h["loss"], h["grad_norm"]) for h in cold if "loss" in h]
+    assert [step for step, _, _ in steps] == [1, 2, 3]
+    assert steps == [(h["step"], h["loss"], h["grad_norm"]) for h in warm if "loss" in h]
 
 
 def test_two_runs_started_together_get_their_own_directories(tmp_path: Path) -> None:

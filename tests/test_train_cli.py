@@ -1,4 +1,5 @@
-"""`qlora-train` end to end, in a subprocess, as a user runs it."""
+"""`qlora-train` end to end: the console script's run directory (the shared smoke run), and whole
+runs in-process (what the script runs after Hydra composed the config)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from qlora_exp.errors import ExitCode
-from tests.conftest import run_cli
+from tests.conftest import train_in_process
 
 RUN_FILES = [
     ".hydra/config.yaml",
@@ -34,15 +35,6 @@ METRIC_KEYS = [
     "peak_memory_gb",
     "trainable_params",
 ]
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    result = run_cli("qlora-train", "experiment=smoke", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert str(run_dir) in result.stdout + result.stderr
-    return run_dir
 
 
 def test_smoke_run_writes_the_whole_run_directory(smoke_run: Path) -> None:
@@ -74,14 +66,9 @@ def test_resolved_config_and_provenance(smoke_run: Path) -> None:
 def test_a_failure_leaves_failed_with_the_reason(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     missing = tmp_path / "nope.jsonl"
-    result = run_cli(
-        "qlora-train",
-        "experiment=smoke",
-        "data=alpaca_file",
-        f"data.path={missing}",
-        f"hydra.run.dir={run_dir}",
-    )
-    assert result.returncode == ExitCode.DATA, result.stderr[-2000:]
+    with pytest.raises(SystemExit) as exit_info:
+        train_in_process(run_dir, "experiment=smoke", "data=alpaca_file", f"data.path={missing}")
+    assert exit_info.value.code == ExitCode.DATA
     assert str(missing) in (run_dir / "FAILED").read_text()
     assert not (run_dir / "COMPLETED").exists()
     assert not (run_dir / ".run.lock").exists(), "the run directory is released"
@@ -92,10 +79,8 @@ def test_user_jsonl_file_trains(tmp_path: Path) -> None:
     rows = [{"instruction": f"Repeat {i}.", "input": "", "output": str(i)} for i in range(20)]
     data.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     run_dir = tmp_path / "run"
-    result = run_cli(
-        "qlora-train", "experiment=smoke", "data=alpaca_file", f"data.path={data}", f"hydra.run.dir={run_dir}"
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_in_process(run_dir, "experiment=smoke", "data=alpaca_file", f"data.path={data}")
+    assert (run_dir / "COMPLETED").is_file()
     assert json.loads((run_dir / "data_stats.json").read_text())["rows_read"] == 20
 
 
@@ -103,8 +88,7 @@ def test_user_jsonl_file_trains(tmp_path: Path) -> None:
 def test_default_run_learns(tmp_path: Path) -> None:
     """`qlora-train` with no arguments (W&B offline, the default) lowers the eval loss."""
     run_dir = tmp_path / "run"
-    result = run_cli("qlora-train", f"hydra.run.dir={run_dir}", timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.5
     assert list((run_dir / "wandb").glob("offline-run-*")), "offline W&B files live in the run directory"
@@ -114,15 +98,13 @@ def test_default_run_learns(tmp_path: Path) -> None:
 def test_bf16_weights_with_an_fp32_residual_train_evaluate_and_generate(tmp_path: Path) -> None:
     """`model.fp32_residual` (the Gemma-2 preset's precision) through a whole run on the CPU."""
     run_dir = tmp_path / "run"
-    result = run_cli(
-        "qlora-train",
+    train_in_process(
+        run_dir,
         "experiment=smoke",
         "model.bnb_4bit_compute_dtype=bfloat16",
         "model.upcast_unquantized_params=false",
         "model.fp32_residual=true",
-        f"hydra.run.dir={run_dir}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
     samples = (run_dir / "samples.jsonl").read_text().splitlines()
