@@ -30,11 +30,11 @@ smoke: install  ## a seconds-long run (experiment=smoke)
 	$(BIN)/qlora-train experiment=smoke $(ARGS)
 
 train-ddp: install  ## one run, data-parallel over NPROC processes (GPUs, or CPU via gloo)
-	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m qlora_exp.train $(ARGS)
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m qlora_exp.cli.train $(ARGS)
 
 train-fsdp: install  ## one run sharded with FSDP over NPROC GPUs (FSDP-QLoRA)
 	$(BIN)/accelerate launch --config_file launch/fsdp_qlora.yaml --num_processes $(NPROC) \
-		-m qlora_exp.train experiment=fsdp_qlora $(ARGS)
+		-m qlora_exp.cli.train experiment=fsdp_qlora $(ARGS)
 
 sweep: install  ## a minutes-long rank x learning-rate grid of smoke runs, then qlora-compare on it
 	$(BIN)/qlora-train "experiment=[rank_lr_grid,smoke]" hydra.sweep.dir=outputs/sweeps/rank_lr_smoke $(ARGS)

@@ -33,8 +33,8 @@ import transformers
 from datasets import Dataset, disable_progress_bars
 from transformers import AutoTokenizer
 
-from qlora_exp.bench import long_form_rows
-from qlora_exp.data import DataModule
+from qlora_exp.bench.data import long_form_rows
+from qlora_exp.data.module import DataModule
 from qlora_exp.embedded_model import cache_root, resolve_embedded, train_tokenizer
 from qlora_exp.schema import DataConfig
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     disable_progress_bars()
     # The DataModule's per-setup summary and drop warnings: the table's rows and kept columns say it.
-    for noisy in ("qlora_exp.data", "qlora_exp.data_cache"):
+    for noisy in ("qlora_exp.data.module", "qlora_exp.data.cache"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     path = args.data or alpaca_file(args.rows, args.seed, args.median_tokens, args.sigma, args.max_length)
     tokenizer_dirs = {

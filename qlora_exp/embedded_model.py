@@ -10,7 +10,6 @@ full-size shapes (e.g. `embedded:gemma2-9b`) for GPU benchmarks.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import tempfile
@@ -24,8 +23,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
+from qlora_exp.cache import cache_root
+from qlora_exp.data.synthetic import generate_synthetic_examples
+from qlora_exp.data.templates import GEMMA_CHAT_TEMPLATE
 from qlora_exp.errors import ConfigError
-from qlora_exp.synthetic_data import generate_synthetic_examples
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +34,6 @@ EMBEDDED_PREFIX = "embedded:"
 # Bump when the builder's output changes, so stale caches are rebuilt rather than reused.
 BUILDER_VERSION = 1
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-
-# Gemma-2's turn format. Gemma's own template rejects a system turn; this one folds it into the
-# first user turn, which is what Gemma-2-it users do by hand.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% set system = messages[0]['content'] | trim %}{% set loop_messages = messages[1:] %}"
-    "{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' }}"
-    "{% if loop.first and system %}{{ system + '\n\n' }}{% endif %}"
-    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -92,11 +77,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 def is_embedded(name_or_path: str) -> bool:
     """True for names the embedded builder serves (`embedded:NAME`)."""
     return name_or_path.startswith(EMBEDDED_PREFIX)
-
-
-def cache_root() -> Path:
-    """Where built checkpoints live: $QLORA_EXP_CACHE, else ~/.cache/qlora_exp."""
-    return Path(os.environ.get("QLORA_EXP_CACHE", Path.home() / ".cache" / "qlora_exp")).expanduser()
 
 
 def resolve_embedded(name_or_path: str) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Any
 
+import torch
+
 
 class ExitCode(IntEnum):
     """Process exit codes of `qlora-train` (documented in the README)."""
@@ -72,3 +74,13 @@ class RequeuedExit(SystemExit):
 
     def __str__(self) -> str:
         return self.reason
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The documented exit code a failure ends a command with: every console script maps through
+    this one function (`qlora-train` via `experiment.run_job`, the others via `cli.common.exit_on_error`)."""
+    if isinstance(exc, QloraError):
+        return exc.exit_code
+    if isinstance(exc, torch.OutOfMemoryError):
+        return ExitCode.OUT_OF_MEMORY
+    return ExitCode.OTHER

@@ -15,18 +15,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from qlora_exp.data import DataModule
-from qlora_exp.distributed import quiet_non_main_ranks
-from qlora_exp.errors import ExitCode, OutOfMemoryError, QloraError
+from qlora_exp.data.module import DataModule
+from qlora_exp.data.preview import preview_data
+from qlora_exp.errors import ExitCode, exit_code_for
 from qlora_exp.generation import HeldOutSamples
 from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, QuantizedWeightGuard, oom_advice
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
-from qlora_exp.preview import preview_data
-from qlora_exp.resume import prepare_resume
 from qlora_exp.run.context import RunContext
-from qlora_exp.run_dir import RunDirectory
+from qlora_exp.run.directory import RunDirectory
+from qlora_exp.run.distributed import quiet_non_main_ranks
+from qlora_exp.run.resume import prepare_resume
+from qlora_exp.run.sweep import JobFailure, end_failed_job, finished_objective
 from qlora_exp.schema import to_schema
-from qlora_exp.sweep import JobFailure, end_failed_job, finished_objective
 from qlora_exp.tracking import Tracker, TrackingCallback
 from qlora_exp.training import (
     build_evaluation_callbacks,
@@ -92,15 +92,15 @@ def run_job(cfg: DictConfig, run: RunContext) -> float | JobFailure:
     a single run raises SystemExit(code); a sweep job returns a JobFailure so the others still run."""
     try:
         return run_experiment(cfg, run)
-    except QloraError as exc:
-        log.error("%s", exc)
-        return end_failed_job(exc.exit_code, exc, run)
-    except torch.OutOfMemoryError as exc:
-        log.error("%s", oom_advice(cfg))
-        return end_failed_job(OutOfMemoryError.exit_code, exc, run)
-    except Exception as exc:  # unexpected: already marked FAILED above; ends as exit code OTHER
-        log.exception("unexpected error")
-        return end_failed_job(ExitCode.OTHER, exc, run)
+    except Exception as exc:  # the run directory is already marked FAILED with the reason
+        code = exit_code_for(exc)
+        if code == ExitCode.OUT_OF_MEMORY:
+            log.error("%s", oom_advice(cfg))
+        elif code == ExitCode.OTHER:
+            log.exception("unexpected error")
+        else:
+            log.error("%s", exc)
+        return end_failed_job(code, exc, run)
     finally:
         gc.collect()
         if torch.cuda.is_available():

@@ -33,10 +33,10 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from qlora_exp.data import DataModule
-from qlora_exp.data_formats import Conversation, Message
+from qlora_exp.data.formats import Conversation, Message
+from qlora_exp.data.module import DataModule
+from qlora_exp.data.tokenization import raw_turn_ids, split_raw_text
 from qlora_exp.schema import EvalConfig
-from qlora_exp.tokenization import raw_turn_ids, split_raw_text
 from qlora_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ class PreemptionCallback(TrainerCallback):
     Inside a submitit job (hydra/launcher=submitit_local, slurm) submitit's own preemption/timeout
     signal is caught too; after the checkpoint is saved, submitit's handler is called, which has the
     launcher resubmit the same job (the same job directory) and requeues it: the requeued job resumes
-    from that checkpoint (qlora_exp/resume.py). Requeueing stays submitit's: it alone knows the
+    from that checkpoint (qlora_exp/run/resume.py). Requeueing stays submitit's: it alone knows the
     cluster, and it counts timeouts against `max_num_timeout`.
 
     The handlers are installed only while training runs (on_train_begin .. on_train_end); outside

@@ -8,6 +8,7 @@ when `to_schema` turns the composed config into objects: still before any data o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -16,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qlora_exp.errors import ConfigError
 
+# The config tree (conf/), beside the package in the source tree (installed editable by `make install`).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")

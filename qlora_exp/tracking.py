@@ -15,9 +15,9 @@ from typing import Any
 import wandb
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from qlora_exp.distributed import is_main_process
 from qlora_exp.run.context import RunContext
-from qlora_exp.run_dir import HISTORY_FILE, redact_secrets, write_json_atomic
+from qlora_exp.run.directory import HISTORY_FILE, redact_secrets, write_json_atomic
+from qlora_exp.run.distributed import is_main_process
 from qlora_exp.schema import TrackingConfig
 from qlora_exp.training import perplexity
 

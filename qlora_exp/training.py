@@ -20,19 +20,13 @@ from transformers import (
 )
 
 from qlora_exp.checkpoint import AtomicCheckpointTrainer, logged_train_loss, tokens_before
-from qlora_exp.data import DataModule
-from qlora_exp.distributed import parameters_agree_across_ranks
+from qlora_exp.data.module import DataModule
 from qlora_exp.errors import QloraError
+from qlora_exp.precision import resolve_precision
+from qlora_exp.run.distributed import parameters_agree_across_ranks
 from qlora_exp.schema import TrainerConfig
 
 log = logging.getLogger(__name__)
-
-
-def resolve_precision(name: str) -> str:
-    """`auto` is bf16 on a GPU that supports it, fp32 on the CPU."""
-    if name != "auto":
-        return name
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> TrainingArguments:

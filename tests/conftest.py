@@ -15,12 +15,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from qlora_exp.cli.train import CONF_DIR
 from qlora_exp.embedded_model import resolve_embedded
 from qlora_exp.experiment import run_job
 from qlora_exp.run.context import RunContext
+from qlora_exp.run.sweep import JobFailure
 from qlora_exp.schema import Config, register_configs, to_schema
-from qlora_exp.sweep import JobFailure
-from qlora_exp.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 register_configs()

@@ -14,17 +14,18 @@ from datasets import Dataset
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from qlora_exp.bench import main
 from qlora_exp.bench.data import bench_dataset
 from qlora_exp.bench.measure import SettingResult, layout_collator, load_shared_base
 from qlora_exp.bench.options import BENCH_MODELS, parse_options
 from qlora_exp.bench.report import markdown_table, versions, write_report
 from qlora_exp.bench.run import compose_model_section
 from qlora_exp.bench.settings import LAYOUTS, Setting, order_settings, parse_setting, standard_settings
-from qlora_exp.data import IGNORE_INDEX
+from qlora_exp.cli.bench import main
+from qlora_exp.data.module import IGNORE_INDEX
 from qlora_exp.errors import ConfigError, ExitCode
-from qlora_exp.model import attach_lora, cast_unquantized_params, check_liger, load_tokenizer
-from qlora_exp.run_dir import TRACKED_PACKAGES
+from qlora_exp.model import attach_lora, check_liger, load_tokenizer
+from qlora_exp.precision import cast_unquantized_params
+from qlora_exp.run.directory import TRACKED_PACKAGES
 from qlora_exp.schema import ModelConfig
 from tests.conftest import compose_config, run_cli
 

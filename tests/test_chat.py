@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pexpect
 import pytest
 
-from qlora_exp.chat import REPLY_PREFIX, USER_PROMPT, ChatSession, TurnRefused
+from qlora_exp.cli.chat import REPLY_PREFIX, USER_PROMPT, ChatSession, TurnRefused
 from qlora_exp.model import load_tokenizer
 from qlora_exp.schema import EvalConfig, to_schema
 from tests.conftest import compose_config

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from qlora_exp.compare import (
+from qlora_exp.cli.compare import (
     compare,
     comparison_table,
     fairness_warnings,

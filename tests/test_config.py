@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from qlora_exp.cli.train import CONF_DIR
 from qlora_exp.errors import ConfigError, ExitCode
 from qlora_exp.schema import (
     Config,
@@ -18,7 +19,6 @@ from qlora_exp.schema import (
     TrainerConfig,
     to_schema,
 )
-from qlora_exp.train import CONF_DIR
 from tests.conftest import REPO, compose_config, run_cli
 
 MODEL_PRESETS = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_exp.data_formats import (
+from qlora_exp.data.formats import (
     MALFORMED,
     MISSING_FIELD,
     NON_TEXT,

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-from qlora_exp.data import DataModule
+from qlora_exp.data.module import DataModule
+from qlora_exp.data.packing import FlatteningCollator, pack_examples, token_slots
+from qlora_exp.data.tokenization import IGNORE_INDEX
 from qlora_exp.model import build_quantized_model, load_tokenizer
-from qlora_exp.packing import FlatteningCollator, pack_examples, token_slots
 from qlora_exp.schema import Config
-from qlora_exp.tokenization import IGNORE_INDEX
 
 # Per example: its length, and which of its labels are masked.
 EXAMPLES = st.lists(

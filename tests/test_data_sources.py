@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qlora_exp.data_sources import load_hub_rows, load_local_rows
+from qlora_exp.data.sources import load_hub_rows, load_local_rows
 from qlora_exp.errors import DataError
 
 ROWS = [

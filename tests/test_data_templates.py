@@ -8,11 +8,9 @@ import logging
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from qlora_exp.data_formats import Conversation, Drop
-from qlora_exp.embedded_model import resolve_embedded
-from qlora_exp.errors import DataError
-from qlora_exp.tokenization import (
-    CHATML_TEMPLATE,
+from qlora_exp.data.formats import Conversation, Drop
+from qlora_exp.data.templates import CHATML_TEMPLATE
+from qlora_exp.data.tokenization import (
     IGNORE_INDEX,
     NO_TRAINABLE_TOKENS,
     OVER_LENGTH,
@@ -25,6 +23,8 @@ from qlora_exp.tokenization import (
     resolve_chat_template,
     tokenize_conversation,
 )
+from qlora_exp.embedded_model import resolve_embedded
+from qlora_exp.errors import DataError
 
 # Qwen2.5's template without tools: a default system prompt when the data has none.
 QWEN_STYLE = (

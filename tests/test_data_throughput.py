@@ -8,16 +8,16 @@ import re
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from qlora_exp import tokenization
-from qlora_exp.data_formats import Conversation, Drop
-from qlora_exp.embedded_model import resolve_embedded
-from qlora_exp.tokenization import (
+from qlora_exp.data import tokenization
+from qlora_exp.data.formats import Conversation, Drop
+from qlora_exp.data.tokenization import (
     OVER_LENGTH,
     TEMPLATE_ERROR,
     encode_conversation,
     encode_conversations,
     tokenize_conversation,
 )
+from qlora_exp.embedded_model import resolve_embedded
 from tests.conftest import run_cli
 
 # Refuses a system turn, as Gemma-2-it's own template does.

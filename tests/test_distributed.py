@@ -17,7 +17,7 @@ def test_torchrun_two_cpu_processes_share_one_run_and_agree(tmp_path: Path) -> N
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "qlora_exp.train",
+        "qlora_exp.cli.train",
         "experiment=smoke",
         cwd=tmp_path,
         env={"PYTHONPATH": str(REPO)},

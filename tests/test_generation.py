@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from qlora_exp.data_formats import Conversation
+from qlora_exp.data.formats import Conversation
+from qlora_exp.data.tokenization import IGNORE_INDEX, tokenize_raw
 from qlora_exp.embedded_model import resolve_embedded
 from qlora_exp.errors import ConfigError
 from qlora_exp.generation import (
@@ -22,7 +23,6 @@ from qlora_exp.generation import (
 )
 from qlora_exp.model import build_quantized_model, load_tokenizer
 from qlora_exp.schema import EvalConfig, to_schema
-from qlora_exp.tokenization import IGNORE_INDEX, tokenize_raw
 from qlora_exp.training import eval_history, perplexity
 from tests.conftest import compose_config
 

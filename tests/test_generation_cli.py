@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_exp import generate
+from qlora_exp.cli import generate
 from qlora_exp.errors import ExitCode
 from tests.conftest import run_cli, train_in_process
 

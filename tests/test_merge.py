@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qlora_exp import merge
+from qlora_exp.cli import merge
+from qlora_exp.cli.merge import merge_run
 from qlora_exp.errors import ExitCode, RunDirectoryError
-from qlora_exp.finished_run import FinishedRun
-from qlora_exp.merge import merge_run
 from qlora_exp.model import resolve_source
+from qlora_exp.run.finished import FinishedRun
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -25,10 +25,10 @@ from qlora_exp.model import (
     build_quantized_model,
     check_attention,
     configure_flex_compile,
-    keep_fp32_residual,
     load_trainable_base,
     resolve_source,
 )
+from qlora_exp.precision import keep_fp32_residual
 from qlora_exp.schema import Config
 
 

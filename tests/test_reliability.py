@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from qlora_exp import experiment, train
+from qlora_exp import experiment
 from qlora_exp.checkpoint import (
     MANIFEST,
     AtomicCheckpointTrainer,
@@ -32,6 +32,7 @@ from qlora_exp.checkpoint import (
     verify_checkpoint,
     write_manifest,
 )
+from qlora_exp.cli import train
 from qlora_exp.errors import (
     ConfigError,
     ExitCode,
@@ -41,10 +42,10 @@ from qlora_exp.errors import (
     RunDirectoryError,
 )
 from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, oom_advice
-from qlora_exp.redaction import SecretLogFilter, redact_hydra_files, scrub
-from qlora_exp.resume import changed_settings, prepare_resume
 from qlora_exp.run.context import RunContext
-from qlora_exp.run_dir import COMPLETED, REDACTED, RunDirectory
+from qlora_exp.run.directory import COMPLETED, REDACTED, RunDirectory
+from qlora_exp.run.redaction import SecretLogFilter, redact_hydra_files, scrub
+from qlora_exp.run.resume import changed_settings, prepare_resume
 from tests.conftest import compose_config
 
 

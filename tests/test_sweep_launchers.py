@@ -11,7 +11,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from qlora_exp.train import CONF_DIR
+from qlora_exp.cli.train import CONF_DIR
 from tests.conftest import run_cli
 
 # The plugin is in the dev extra (CI runs these tests) and the ray extra.

@@ -15,8 +15,7 @@ from omegaconf import OmegaConf
 
 from qlora_exp.errors import ConfigError, DataError, ExitCode
 from qlora_exp.run.context import RunContext
-from qlora_exp.schema import TrackingConfig
-from qlora_exp.sweep import (
+from qlora_exp.run.sweep import (
     MAX_DIRNAME,
     SweepSummary,
     changed_keys,
@@ -26,6 +25,7 @@ from qlora_exp.sweep import (
     job_dirname,
     job_state,
 )
+from qlora_exp.schema import TrackingConfig
 
 RESOLVED: dict[str, Any] = {"seed": 42, "lora": {"r": 8, "alpha": 32}, "trainer": {"learning_rate": 2e-4}}
 

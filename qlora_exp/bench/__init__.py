@@ -24,32 +24,3 @@ changes), `data` (the examples), `measure` (one setting's model, batches, steps 
 batches come from the training path's collator), `recorder` (per-step timing inside the Trainer),
 `report` (bench.json, bench.md, the table), `run` (load once, run every setting, write as it goes).
 """
-
-from __future__ import annotations
-
-from qlora_exp.bench.data import bench_dataset, long_form_rows
-from qlora_exp.bench.measure import SettingResult, layout_collator, run_setting
-from qlora_exp.bench.options import BenchOptions, parse_options
-from qlora_exp.bench.report import markdown_table, write_report
-from qlora_exp.bench.run import BenchError, main, run_bench
-from qlora_exp.bench.settings import LAYOUTS, Setting, order_settings, parse_setting, standard_settings
-
-__all__ = [
-    "LAYOUTS",
-    "BenchError",
-    "BenchOptions",
-    "Setting",
-    "SettingResult",
-    "bench_dataset",
-    "layout_collator",
-    "long_form_rows",
-    "main",
-    "markdown_table",
-    "order_settings",
-    "parse_options",
-    "parse_setting",
-    "run_bench",
-    "run_setting",
-    "standard_settings",
-    "write_report",
-]

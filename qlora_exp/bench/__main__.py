@@ -1,5 +1,5 @@
 """`python -m qlora_exp.bench`: the same as the `qlora-bench` console script."""
 
-from qlora_exp.bench.run import main
+from qlora_exp.cli.bench import main
 
 main()

@@ -11,10 +11,10 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from qlora_exp.data import IGNORE_INDEX, DataModule
+from qlora_exp.data.module import IGNORE_INDEX, DataModule
+from qlora_exp.data.synthetic import generate_synthetic_examples
 from qlora_exp.errors import ConfigError
 from qlora_exp.schema import DataConfig
-from qlora_exp.synthetic_data import generate_synthetic_examples
 
 # `--data long`: lengths of real instruction data (tiny-tokenizer tokens), see BENCHMARKS.md.
 LONG_MEDIAN_TOKENS = 190.0

@@ -1,8 +1,8 @@
 """One setting on the shared 4-bit base: its model, its batches, its training steps, their timing.
 
-The batches come from the training path's collator (`qlora_exp.packing.build_collator`), so a
+The batches come from the training path's collator (`qlora_exp.data.packing.build_collator`), so a
 padding-free setting times exactly the batches `data.packing=padding_free` trains on, use_cache=False
-included: without it, the flattened examples would attend to each other (see qlora_exp/packing.py).
+included: without it, the flattened examples would attend to each other (see qlora_exp/data/packing.py).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from transformers.integrations.liger import apply_liger_kernel
 from qlora_exp.bench.options import BenchOptions
 from qlora_exp.bench.recorder import StepRecorder
 from qlora_exp.bench.settings import Setting
-from qlora_exp.model import attach_lora, load_trainable_base, resolve_compute_dtype, set_unquantized_precision
-from qlora_exp.packing import FlatteningCollator, build_collator
+from qlora_exp.data.packing import FlatteningCollator, build_collator
+from qlora_exp.model import attach_lora, load_trainable_base
+from qlora_exp.precision import resolve_compute_dtype, set_unquantized_precision
 from qlora_exp.schema import LoraConfig, ModelConfig, TrainerConfig
 from qlora_exp.training import build_training_arguments, peak_memory
 

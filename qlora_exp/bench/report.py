@@ -11,7 +11,7 @@ from typing import Any
 
 from qlora_exp.bench.measure import FLOP_FORMULA, SettingResult
 from qlora_exp.bench.settings import Setting
-from qlora_exp.run_dir import package_versions
+from qlora_exp.run.directory import package_versions
 
 # What the bench's numbers depend on beyond what every run directory records (run_dir.TRACKED_PACKAGES).
 BENCH_PACKAGES = ("liger-kernel", "triton")

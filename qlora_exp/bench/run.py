@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import sys
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -23,15 +22,14 @@ from qlora_exp.bench.measure import (
     load_shared_base,
     run_setting,
 )
-from qlora_exp.bench.options import BENCH_MODELS, BenchOptions, parse_options
+from qlora_exp.bench.options import BENCH_MODELS, BenchOptions
 from qlora_exp.bench.report import markdown_table, versions, write_report
 from qlora_exp.bench.settings import select_settings
 from qlora_exp.errors import QloraError
 from qlora_exp.model import load_tokenizer
-from qlora_exp.schema import LoraConfig, ModelConfig, register_configs, to_schema
+from qlora_exp.schema import CONF_DIR, LoraConfig, ModelConfig, register_configs, to_schema
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 
 
 class BenchError(QloraError):
@@ -119,14 +117,3 @@ def run_bench(options: BenchOptions, command: str) -> list[SettingResult]:
     if failed:
         raise BenchError(f"settings failed: {', '.join(failed)} (reasons in the table and the log above)")
     return results
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point (`qlora-bench`, `python -m qlora_exp.bench`, `make bench`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        options = parse_options(argv)
-        run_bench(options, " ".join(["qlora-bench", *(argv if argv is not None else sys.argv[1:])]))
-    except QloraError as exc:
-        log.error("%s", exc)
-        raise SystemExit(exc.exit_code) from exc

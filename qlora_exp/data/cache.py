@@ -22,8 +22,8 @@ from typing import Any
 from datasets import Dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from qlora_exp.data_formats import Conversation
-from qlora_exp.embedded_model import cache_root
+from qlora_exp.cache import cache_root
+from qlora_exp.data.formats import Conversation
 
 log = logging.getLogger(__name__)
 

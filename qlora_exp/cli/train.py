@@ -13,19 +13,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_exp.distributed import run_stamp
 from qlora_exp.experiment import run_job
-from qlora_exp.resume import register_resolvers
 from qlora_exp.run.context import RunContext
-from qlora_exp.schema import register_configs
-from qlora_exp.sweep import JobFailure, register_sweep_configs
+from qlora_exp.run.distributed import run_stamp
+from qlora_exp.run.resume import register_resolvers
+from qlora_exp.run.sweep import JobFailure, register_sweep_configs
+from qlora_exp.schema import CONF_DIR, register_configs
 
 register_sweep_configs()
 register_configs()
 OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
 register_resolvers()
-# conf/ sits beside the package in the source tree (installed editable by `make install`).
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def hydra_run_context() -> RunContext:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qlora_exp.errors import ExitCode
 from qlora_exp.run.context import RunContext
-from qlora_exp.run_dir import COMPLETED, FAILED, RunDirectory, flatten, redact_secrets
+from qlora_exp.run.directory import COMPLETED, FAILED, RunDirectory, flatten, redact_secrets
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from functools import lru_cache
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from qlora_exp.data_formats import UNSUPPORTED_LOSS_WEIGHT, Conversation, Drop, Message
-from qlora_exp.embedded_model import GEMMA_CHAT_TEMPLATE
+from qlora_exp.data.formats import UNSUPPORTED_LOSS_WEIGHT, Conversation, Drop, Message
+from qlora_exp.data.templates import NAMED_TEMPLATES
 from qlora_exp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -36,21 +36,6 @@ TEMPLATE_INCONSISTENT = "template_inconsistent"
 TEMPLATE_ERROR = "template_error"
 ASSISTANT_FIRST = "assistant_first"
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] | trim) + '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + (message['content'] | trim)"
-    " + '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE, "gemma": GEMMA_CHAT_TEMPLATE, "llama3": LLAMA3_TEMPLATE}
 FALLBACK_TEMPLATE = "chatml"
 
 

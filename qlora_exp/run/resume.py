@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from qlora_exp.checkpoint import find_resumable_checkpoint
 from qlora_exp.errors import ConfigError
-from qlora_exp.run_dir import RESOLVED_CONFIG, flatten, redact_secrets
+from qlora_exp.run.directory import RESOLVED_CONFIG, flatten, redact_secrets
 
 log = logging.getLogger(__name__)
 

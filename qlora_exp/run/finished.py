@@ -8,9 +8,6 @@ own `resolved_config.yaml` through the same factory functions as training, so it
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import peft
@@ -20,9 +17,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from qlora_exp.errors import ConfigError, ExitCode, QloraError, RunDirectoryError
+from qlora_exp.errors import ConfigError, RunDirectoryError
 from qlora_exp.model import check_attention, load_quantized_base, resolve_source
-from qlora_exp.run_dir import COMPLETED, FAILED
+from qlora_exp.run.directory import COMPLETED, FAILED
 from qlora_exp.schema import Config, to_schema
 
 log = logging.getLogger(__name__)
@@ -90,21 +87,3 @@ class FinishedRun:
             trust_remote_code=cfg.trust_remote_code,
         )
         return peft.PeftModel.from_pretrained(base, self.path / ADAPTER_DIR).eval()
-
-
-def configure_cli_logging() -> None:
-    """INFO logs on stderr, so that stdout carries only the command's output."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-
-
-@contextmanager
-def exit_on_error() -> Iterator[None]:
-    """Turn our errors into their documented exit codes with a one-line message (no traceback)."""
-    try:
-        yield
-    except QloraError as exc:
-        log.error("%s", exc)
-        raise SystemExit(exc.exit_code) from exc
-    except torch.OutOfMemoryError as exc:
-        log.error("out of memory: %s", exc)
-        raise SystemExit(ExitCode.OUT_OF_MEMORY) from exc

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import yaml
 
-from qlora_exp.distributed import is_main_process
 from qlora_exp.errors import RequeuedExit, RunDirectoryError
+from qlora_exp.run.distributed import is_main_process
 
 log = logging.getLogger(__name__)
 

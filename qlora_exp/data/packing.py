@@ -19,7 +19,7 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, PreTrainedTokenizerBase
 from trl import pack_dataset
 
-from qlora_exp.tokenization import IGNORE_INDEX
+from qlora_exp.data.tokenization import IGNORE_INDEX
 
 PACKING_MODES = ("none", "padding_free", "packed")
 

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 from datasets import load_dataset
 from datasets.exceptions import DatasetNotFoundError
 
+from qlora_exp.data.synthetic import generate_synthetic_examples
 from qlora_exp.errors import DataError
 from qlora_exp.schema import DataConfig
-from qlora_exp.synthetic_data import generate_synthetic_examples
 
 log = logging.getLogger(__name__)
 

@@ -22,19 +22,17 @@ import numpy as np
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-from qlora_exp.data_cache import CachedData, cache_key, load_entry, save_entry, tokenizer_fingerprint
-from qlora_exp.data_formats import (
+from qlora_exp.data.cache import CachedData, cache_key, load_entry, save_entry, tokenizer_fingerprint
+from qlora_exp.data.formats import (
     Conversation,
     Drop,
     alpaca_to_messages,
     detect_format,
     to_conversation,
 )
-from qlora_exp.data_sources import SourceRow, load_rows
-from qlora_exp.errors import DataError
-from qlora_exp.packing import FlatteningCollator, build_collator, pack_examples, token_slots
-from qlora_exp.schema import DataConfig, to_plain_dict
-from qlora_exp.tokenization import (
+from qlora_exp.data.packing import FlatteningCollator, build_collator, pack_examples, token_slots
+from qlora_exp.data.sources import SourceRow, load_rows
+from qlora_exp.data.tokenization import (
     IGNORE_INDEX,
     OVER_LENGTH,
     Encoded,
@@ -42,6 +40,8 @@ from qlora_exp.tokenization import (
     resolve_chat_template,
     tokenize_conversation,
 )
+from qlora_exp.errors import DataError
+from qlora_exp.schema import DataConfig, to_plain_dict
 
 log = logging.getLogger(__name__)
 

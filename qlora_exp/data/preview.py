@@ -13,12 +13,12 @@ import math
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from qlora_exp.data import DataModule
-from qlora_exp.data_formats import Conversation
+from qlora_exp.data.formats import Conversation
+from qlora_exp.data.module import DataModule
+from qlora_exp.data.packing import steps_per_epoch
+from qlora_exp.data.tokenization import IGNORE_INDEX, Encoded, encode_conversation
 from qlora_exp.model import load_tokenizer
-from qlora_exp.packing import steps_per_epoch
 from qlora_exp.schema import Config
-from qlora_exp.tokenization import IGNORE_INDEX, Encoded, encode_conversation
 
 TRAINED_OPEN, TRAINED_CLOSE = "«", "»"
 HISTOGRAM_BINS = 10

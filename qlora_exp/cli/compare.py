@@ -23,10 +23,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from matplotlib.figure import Figure  # the object API draws to files without pyplot's global backend
 from matplotlib.ticker import MaxNLocator
 
-from qlora_exp.run_dir import HISTORY_FILE
-from qlora_exp.sweep import find_job_dirs, job_state
+from qlora_exp.run.directory import HISTORY_FILE
+from qlora_exp.run.sweep import find_job_dirs, job_state
 
-log = logging.getLogger("qlora_exp.compare")
+log = logging.getLogger("qlora_exp.cli.compare")
 
 # metrics.json key -> table column
 METRIC_COLUMNS = {

@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_exp.run_dir import REDACTED, SECRET_KEY, redact_arg, redact_secrets
+from qlora_exp.run.directory import REDACTED, SECRET_KEY, redact_arg, redact_secrets
 
 log = logging.getLogger(__name__)
 
