@@ -41,7 +41,7 @@ sweep: install  ## a minutes-long rank x learning-rate grid of smoke runs, then 
 	$(BIN)/qlora-compare outputs/sweeps/rank_lr_smoke
 
 test: install  ## the whole CPU test suite (what CI runs)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: install  ## the suite without the slow end-to-end runs
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)

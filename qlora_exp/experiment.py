@@ -22,7 +22,7 @@ from qlora_exp.generation import HeldOutSamples
 from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, QuantizedWeightGuard, oom_advice
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
 from qlora_exp.run.context import RunContext
-from qlora_exp.run.directory import RunDirectory
+from qlora_exp.run.directory import DATA_STATS, METRICS, RunDirectory
 from qlora_exp.run.distributed import quiet_non_main_ranks
 from qlora_exp.run.resume import prepare_resume
 from qlora_exp.run.sweep import JobFailure, end_failed_job, finished_objective
@@ -58,7 +58,7 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
         tokenizer = load_tokenizer(schema.model)
         data = DataModule(schema.data, tokenizer, schema.seed, schema.trainer.per_device_train_batch_size)
         data.setup()
-        run_directory.write_json("data_stats.json", data.stats.to_dict())
+        run_directory.write_json(DATA_STATS, data.stats.to_dict())
         run_directory.write_provenance(data_fingerprint=data.fingerprint)
         model = build_quantized_model(schema.model, schema.lora)
         trainable = count_trainable_parameters(model)
@@ -78,7 +78,7 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
             metrics = {**train_and_evaluate(trainer, checkpoint), **samples.metrics, **extra}
             if run_directory.writer:
                 save_adapter(model, tokenizer, run_dir)
-            run_directory.write_json("metrics.json", metrics)
+            run_directory.write_json(METRICS, metrics)
             tracker.summarize(metrics)
         del trainer, model
         gc.collect()

@@ -36,12 +36,12 @@ from transformers.generation.streamers import BaseStreamer
 from qlora_exp.data.formats import Conversation, Message
 from qlora_exp.data.module import DataModule
 from qlora_exp.data.tokenization import raw_turn_ids, split_raw_text
+from qlora_exp.run.directory import SAMPLES_FILE
 from qlora_exp.schema import EvalConfig
 from qlora_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-SAMPLES_FILE = "samples.jsonl"
 # A transformers model, or one wrapped by peft (which forwards generate to it).
 GenerativeModel = PreTrainedModel | peft.PeftModel
 T = TypeVar("T")

@@ -26,6 +26,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from qlora_exp.embedded_model import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
 from qlora_exp.precision import DTYPES, resolve_compute_dtype, set_unquantized_precision
+from qlora_exp.run.directory import ADAPTER_DIR, TOKENIZER_DIR
 from qlora_exp.schema import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -248,5 +249,5 @@ def count_trainable_parameters(model: torch.nn.Module) -> int:
 
 def save_adapter(model: peft.PeftModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> None:
     """Adapter (safetensors) and tokenizer: what a user ships."""
-    model.save_pretrained(str(run_dir / "adapter"), safe_serialization=True)
-    tokenizer.save_pretrained(run_dir / "tokenizer")
+    model.save_pretrained(str(run_dir / ADAPTER_DIR), safe_serialization=True)
+    tokenizer.save_pretrained(run_dir / TOKENIZER_DIR)

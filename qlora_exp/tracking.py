@@ -16,14 +16,12 @@ import wandb
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from qlora_exp.run.context import RunContext
-from qlora_exp.run.directory import HISTORY_FILE, redact_secrets, write_json_atomic
+from qlora_exp.run.directory import HISTORY_FILE, WANDB_RUN_ID_FILE, redact_secrets, write_json_atomic
 from qlora_exp.run.distributed import is_main_process
 from qlora_exp.schema import TrackingConfig
 from qlora_exp.training import perplexity
 
 log = logging.getLogger(__name__)
-
-RUN_ID_FILE = "wandb_run_id.txt"
 
 
 class Tracker:
@@ -38,7 +36,7 @@ class Tracker:
         if cfg.backend == "none" or cfg.mode == "disabled":
             log.info("tracking off (tracking.backend=%s, tracking.mode=%s)", cfg.backend, cfg.mode)
             return
-        id_file = run_dir / RUN_ID_FILE
+        id_file = run_dir / WANDB_RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         group, name = run.tracking_group_and_name()
         self.run = wandb.init(

@@ -23,6 +23,7 @@ from qlora_exp.checkpoint import AtomicCheckpointTrainer, logged_train_loss, tok
 from qlora_exp.data.module import DataModule
 from qlora_exp.errors import QloraError
 from qlora_exp.precision import resolve_precision
+from qlora_exp.run.directory import CHECKPOINTS_DIR
 from qlora_exp.run.distributed import parameters_agree_across_ranks
 from qlora_exp.schema import TrainerConfig
 
@@ -33,7 +34,7 @@ def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> Tr
     """TrainingArguments from our schema; what the user does not set is fixed here, on purpose."""
     precision = resolve_precision(cfg.precision)
     return TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(run_dir / CHECKPOINTS_DIR),
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.per_device_train_batch_size,

@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 
 from qlora_exp.errors import ConfigError, DataError, ExitCode
 from qlora_exp.run.context import RunContext
+from qlora_exp.run.directory import ABSENT, config_diff
 from qlora_exp.run.sweep import (
     MAX_DIRNAME,
     SweepSummary,
-    changed_keys,
     end_failed_job,
     find_job_dirs,
     finished_objective,
@@ -62,10 +62,10 @@ def test_long_job_dirnames_are_shortened_but_stay_distinct() -> None:
     assert first != second
 
 
-def test_changed_keys_names_nested_differences() -> None:
+def test_config_diff_names_nested_differences() -> None:
     changed = {**RESOLVED, "lora": {"r": 16, "alpha": 32}, "extra": 1}
-    assert changed_keys(RESOLVED, changed) == ["extra", "lora.r"]
-    assert changed_keys(RESOLVED, RESOLVED) == []
+    assert config_diff(RESOLVED, changed) == {"extra": (ABSENT, 1), "lora.r": (RESOLVED["lora"]["r"], 16)}
+    assert config_diff(RESOLVED, RESOLVED) == {}
 
 
 def sweep_job(path: Path) -> RunContext:

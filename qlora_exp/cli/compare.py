@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from matplotlib.figure import Figure  # the object API draws to files without pyplot's global backend
 from matplotlib.ticker import MaxNLocator
 
-from qlora_exp.run.directory import HISTORY_FILE
+from qlora_exp.run.directory import COMPLETED, HISTORY_FILE, METRICS, RESOLVED_CONFIG
 from qlora_exp.run.sweep import find_job_dirs, job_state
 
 log = logging.getLogger("qlora_exp.cli.compare")
@@ -75,8 +75,8 @@ def load_job(path: Path) -> Job:
         status=state.status,
         reason=state.reason,
         overrides=parse_overrides(_read_yaml(path / ".hydra" / "overrides.yaml") or []),
-        config=_read_yaml(path / "resolved_config.yaml") or {},
-        metrics=_read_json(path / "metrics.json") or {},
+        config=_read_yaml(path / RESOLVED_CONFIG) or {},
+        metrics=_read_json(path / METRICS) or {},
         history=_read_json(path / HISTORY_FILE) or [],
     )
 
@@ -126,7 +126,7 @@ def seed_summary(table: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFr
         return None
     column = METRIC_COLUMNS.get(metric, metric)
     others = [k for k in keys if k != SEED]
-    done = table[table["status"] == "COMPLETED"]
+    done = table[table["status"] == COMPLETED]
     if not others:
         stats = done[column].agg(["mean", "std", "count"]).to_frame().T
     else:
@@ -136,7 +136,7 @@ def seed_summary(table: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFr
 
 def fairness_warnings(jobs: list[Job]) -> list[str]:
     """Differences that make jobs incomparable: effective batch size, examples seen, tokens seen."""
-    done = [job for job in jobs if job.status == "COMPLETED" and job.config and job.metrics]
+    done = [job for job in jobs if job.status == COMPLETED and job.config and job.metrics]
     if len(done) < 2:
         return []
     warnings = []
@@ -245,7 +245,7 @@ def compare(sweep_dir: Path, metric: str = "eval_loss", maximize: bool = False) 
     keys = swept_keys(jobs)
     table = comparison_table(jobs, metric, maximize)
     column = METRIC_COLUMNS.get(metric, metric)
-    ranked = table[(table["status"] == "COMPLETED") & table[column].notna()]
+    ranked = table[(table["status"] == COMPLETED) & table[column].notna()]
     best = (
         f"Best run: {ranked.iloc[0]['job']} ({column}={ranked.iloc[0][column]:.4g})"
         if len(ranked)

@@ -22,11 +22,21 @@ from qlora_exp.run.distributed import is_main_process
 
 log = logging.getLogger(__name__)
 
-COMPLETED = "COMPLETED"
-FAILED = "FAILED"
+# The run-directory contract (README, "Where outputs go"): every file a run writes, named once.
+# (train.log is named in conf/config.yaml, where Hydra's job logging is configured.)
+COMPLETED = "COMPLETED"  # the last file a successful run writes
+FAILED = "FAILED"  # holds the reason; removed when a rerun reopens the directory
 LOCK = ".run.lock"
 RESOLVED_CONFIG = "resolved_config.yaml"
+PROVENANCE = "provenance.json"
+DATA_STATS = "data_stats.json"
+METRICS = "metrics.json"
 HISTORY_FILE = "log_history.json"  # the Trainer's log history (qlora_exp.tracking keeps it current)
+SAMPLES_FILE = "samples.jsonl"  # held-out generations (qlora_exp.generation)
+ADAPTER_DIR = "adapter"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINTS_DIR = "checkpoints"
+WANDB_RUN_ID_FILE = "wandb_run_id.txt"  # the W&B run a resumed run continues
 REDACTED = "<redacted>"
 SECRET_KEY = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
 TRACKED_PACKAGES = (
@@ -61,6 +71,21 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
+
+
+ABSENT = "<absent>"  # stands for a key one config has and the other lacks
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} for every leaf that differs between two nested configs,
+    sorted by key; a key only one side has shows ABSENT on the other. Resume's "what changed",
+    the sweep's "same job?" and comparisons of two runs all read this."""
+    flat_old, flat_new = flatten(old), flatten(new)
+    return {
+        key: (flat_old.get(key, ABSENT), flat_new.get(key, ABSENT))
+        for key in sorted(flat_old.keys() | flat_new.keys())
+        if flat_old.get(key, ABSENT) != flat_new.get(key, ABSENT)
+    }
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -182,7 +207,7 @@ class RunDirectory:
         """provenance.json: code version, packages, device, command; merged with earlier fields."""
         if not self.writer:
             return
-        path = self.path / "provenance.json"
+        path = self.path / PROVENANCE
         current = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         if not current:
             current = {

@@ -19,14 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from qlora_exp.errors import ConfigError, RunDirectoryError
 from qlora_exp.model import check_attention, load_quantized_base, resolve_source
-from qlora_exp.run.directory import COMPLETED, FAILED
+from qlora_exp.run.directory import ADAPTER_DIR, COMPLETED, FAILED, RESOLVED_CONFIG, TOKENIZER_DIR
 from qlora_exp.schema import Config, to_schema
 
 log = logging.getLogger(__name__)
-
-RESOLVED_CONFIG = "resolved_config.yaml"
-ADAPTER_DIR = "adapter"
-TOKENIZER_DIR = "tokenizer"
 
 
 def load_run_config(path: Path) -> Config:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from qlora_exp.checkpoint import find_resumable_checkpoint
 from qlora_exp.errors import ConfigError
-from qlora_exp.run.directory import RESOLVED_CONFIG, flatten, redact_secrets
+from qlora_exp.run.directory import CHECKPOINTS_DIR, RESOLVED_CONFIG, config_diff, redact_secrets
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ SAFE_TO_CHANGE = (
     "trainer.per_device_eval_batch_size",
     "trainer.dataloader_num_workers",
 )
-_MISSING = "<absent>"
 
 
 def register_resolvers() -> None:
@@ -51,11 +50,10 @@ def _matters(key: str) -> bool:
 
 def changed_settings(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every setting that changes the result, sorted by key."""
-    old, new = flatten(previous), flatten(current)
     return [
-        f"{key}: {old.get(key, _MISSING)!r} -> {new.get(key, _MISSING)!r}"
-        for key in sorted(old.keys() | new.keys())
-        if _matters(key) and old.get(key, _MISSING) != new.get(key, _MISSING)
+        f"{key}: {old!r} -> {new!r}"
+        for key, (old, new) in config_diff(previous, current).items()
+        if _matters(key)
     ]
 
 
@@ -87,9 +85,9 @@ def prepare_resume(run_dir: Path, resolved: dict[str, Any], resume: str | None, 
         )
     if changes:
         log.warning("resume_force=true: resuming %s although these differ: %s", run_dir, "; ".join(changes))
-    checkpoint = find_resumable_checkpoint(run_dir / "checkpoints")
+    checkpoint = find_resumable_checkpoint(run_dir / CHECKPOINTS_DIR)
     if checkpoint is None:
-        log.warning("no complete checkpoint in %s: this rerun starts from step 0", run_dir / "checkpoints")
+        log.warning("no complete checkpoint in %s: this rerun starts from step 0", run_dir / CHECKPOINTS_DIR)
     else:
         log.info("resuming %s from %s", run_dir, checkpoint)
     return checkpoint

@@ -22,7 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from qlora_exp.errors import ExitCode
 from qlora_exp.run.context import RunContext
-from qlora_exp.run.directory import COMPLETED, FAILED, RunDirectory, flatten, redact_secrets
+from qlora_exp.run.directory import (
+    COMPLETED,
+    FAILED,
+    METRICS,
+    RESOLVED_CONFIG,
+    RunDirectory,
+    config_diff,
+    redact_secrets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +55,18 @@ def register_sweep_configs() -> None:
     OmegaConf.register_new_resolver(JOB_DIRNAME_RESOLVER, job_dirname, replace=True)
 
 
-def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    flat_old, flat_new = flatten(old), flatten(new)
-    return sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
-
-
 def finished_objective(run: RunContext, resolved: dict[str, Any]) -> float | None:
     """In a sweep, the eval_loss of this job's earlier COMPLETED run with the same resolved
     config (the job is then skipped, before any data or model loads); None when it must run."""
     run_dir = run.path
     if not run.in_sweep or not (run_dir / COMPLETED).is_file():
         return None
-    stored = yaml.safe_load((run_dir / "resolved_config.yaml").read_text(encoding="utf-8"))
-    differences = changed_keys(stored, redact_secrets(resolved))
+    stored = yaml.safe_load((run_dir / RESOLVED_CONFIG).read_text(encoding="utf-8"))
+    differences = list(config_diff(stored, redact_secrets(resolved)))
     if differences:
         log.warning("rerunning %s: resolved config changed at %s", run_dir, ", ".join(differences))
         return None
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
     log.info("skipping %s: COMPLETED with the same resolved config", run_dir)
     return float(metrics["eval_loss"])
 
