@@ -34,8 +34,10 @@ from datasets import Dataset, disable_progress_bars
 from transformers import AutoTokenizer
 
 from qlora_exp.bench.data import long_form_rows
+from qlora_exp.cache import cache_root
 from qlora_exp.data.module import DataModule
-from qlora_exp.embedded_model import cache_root, resolve_embedded, train_tokenizer
+from qlora_exp.embedded import resolve_embedded, train_tokenizer
+from qlora_exp.embedded.families import GEMMA2_CHAT
 from qlora_exp.schema import DataConfig
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ def reference_tokenizer_dir(vocab_size: int, corpus_mb: float) -> Path:
         corpus.append(text)
         size += len(text)
     started = time.perf_counter()
-    tokenizer = train_tokenizer(vocab_size, corpus=corpus)
+    tokenizer = train_tokenizer(vocab_size, GEMMA2_CHAT, corpus=corpus)
     log.info(
         "trained a %d-token BPE on %.1f MB of transformers sources in %.1f s",
         len(tokenizer),

@@ -23,7 +23,7 @@ from transformers import (
 from transformers.integrations.liger import apply_liger_kernel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from qlora_exp.embedded_model import is_embedded, resolve_embedded
+from qlora_exp.embedded import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
 from qlora_exp.precision import DTYPES, resolve_compute_dtype, set_unquantized_precision
 from qlora_exp.run.directory import ADAPTER_DIR, TOKENIZER_DIR

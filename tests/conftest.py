@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qlora_exp.cli.train import CONF_DIR
-from qlora_exp.embedded_model import resolve_embedded
+from qlora_exp.embedded import resolve_embedded
 from qlora_exp.experiment import run_job
 from qlora_exp.run.context import RunContext
 from qlora_exp.run.sweep import JobFailure

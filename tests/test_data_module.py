@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qlora_exp.data.module import DataModule
-from qlora_exp.embedded_model import resolve_embedded
+from qlora_exp.embedded import resolve_embedded
 from qlora_exp.errors import DataError
 from qlora_exp.schema import DataColumnsConfig, DataConfig
 

@@ -23,7 +23,7 @@ from qlora_exp.data.tokenization import (
     resolve_chat_template,
     tokenize_conversation,
 )
-from qlora_exp.embedded_model import resolve_embedded
+from qlora_exp.embedded import resolve_embedded
 from qlora_exp.errors import DataError
 
 # Qwen2.5's template without tools: a default system prompt when the data has none.

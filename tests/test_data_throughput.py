@@ -17,7 +17,7 @@ from qlora_exp.data.tokenization import (
     encode_conversations,
     tokenize_conversation,
 )
-from qlora_exp.embedded_model import resolve_embedded
+from qlora_exp.embedded import resolve_embedded
 from tests.conftest import run_cli
 
 # Refuses a system turn, as Gemma-2-it's own template does.

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qlora_exp.data.formats import Conversation
 from qlora_exp.data.tokenization import IGNORE_INDEX, tokenize_raw
-from qlora_exp.embedded_model import resolve_embedded
+from qlora_exp.embedded import resolve_embedded
 from qlora_exp.errors import ConfigError
 from qlora_exp.generation import (
     build_generation_config,

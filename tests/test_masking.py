@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from qlora_exp.data.formats import UNSUPPORTED_LOSS_WEIGHT, Conversation, Drop, to_conversation
 from qlora_exp.data.module import IGNORE_INDEX, alpaca_to_messages, tokenize_conversation
 from qlora_exp.data.tokenization import ASSISTANT_FIRST, NO_TRAINABLE_TOKENS, Encoded, encode_conversation
-from qlora_exp.embedded_model import resolve_embedded
+from qlora_exp.embedded import resolve_embedded
 from qlora_exp.schema import DataColumnsConfig
 
 

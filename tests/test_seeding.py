@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 
 from qlora_exp.data.module import DataModule, sample_rows, split_rows
-from qlora_exp.embedded_model import resolve_embedded
+from qlora_exp.embedded import resolve_embedded
 from qlora_exp.schema import Config
 
 
