@@ -45,7 +45,8 @@ class Shape:
     """Sizes of one checkpoint; `vocab_size` None means the embedded tokenizer's own (tiny models).
 
     `options` are further config keyword arguments for this checkpoint only (e.g. an MoE's expert
-    count), passed to the family's config builder.
+    count), passed to the family's config builder; `sub_configs` are the keyword arguments a
+    multimodal family's outer config takes beside its text config (`vision_config` as a dict, ...).
     """
 
     hidden_size: int
@@ -58,6 +59,7 @@ class Shape:
     tokenizer_vocab_size: int = 1024
     sliding_window: int = 4096
     options: Mapping[str, Any] = field(default_factory=dict)
+    sub_configs: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def full_size(self) -> bool:
