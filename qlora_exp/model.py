@@ -13,7 +13,6 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedModel,
@@ -25,6 +24,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from qlora_exp.embedded import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
+from qlora_exp.multimodal import exclude_non_text, loading_plan
 from qlora_exp.precision import DTYPES, resolve_compute_dtype, set_unquantized_precision
 from qlora_exp.run.directory import ADAPTER_DIR, TOKENIZER_DIR
 from qlora_exp.schema import LoraConfig, ModelConfig
@@ -40,8 +40,9 @@ def resolve_source(cfg: ModelConfig) -> str:
     return str(resolve_embedded(cfg.name_or_path)) if is_embedded(cfg.name_or_path) else cfg.name_or_path
 
 
-def build_quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig:
-    """4-bit NF4 (or FP4) with optional double quantization, compute dtype from config."""
+def build_quantization_config(cfg: ModelConfig, skip_modules: list[str] | None = None) -> BitsAndBytesConfig:
+    """4-bit NF4 (or FP4) with optional double quantization, compute dtype from config; `skip_modules`
+    stay unquantized (None: transformers' default, the output head)."""
     storage = DTYPES[cfg.bnb_4bit_quant_storage] if cfg.bnb_4bit_quant_storage else torch.uint8
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -49,6 +50,7 @@ def build_quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig:
         bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=resolve_compute_dtype(cfg.bnb_4bit_compute_dtype),
         bnb_4bit_quant_storage=storage,
+        llm_int8_skip_modules=skip_modules,
     )
 
 
@@ -180,12 +182,13 @@ def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
     source = resolve_source(cfg)
     check_attention(cfg, source)
     configure_flex_compile()  # any model may switch to flex attention later (the bench does)
+    model_class, skips = loading_plan(source, cfg.revision, cfg.trust_remote_code)
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code=true: executing code shipped with %s", source)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = model_class.from_pretrained(
         source,
         revision=cfg.revision,
-        quantization_config=build_quantization_config(cfg),
+        quantization_config=build_quantization_config(cfg, skips),
         dtype=resolve_compute_dtype(cfg.bnb_4bit_compute_dtype),
         attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
@@ -231,7 +234,7 @@ def load_trainable_base(model_cfg: ModelConfig) -> PreTrainedModel:
 
 def attach_lora(base: PreTrainedModel, lora_cfg: LoraConfig) -> peft.PeftModel:
     """A fresh LoRA adapter on `base` (initialised from the current torch seed)."""
-    model = peft.get_peft_model(base, build_lora_config(lora_cfg))
+    model = peft.get_peft_model(base, exclude_non_text(build_lora_config(lora_cfg), base))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.3f%%)", trainable, total, 100 * trainable / total)
     return model

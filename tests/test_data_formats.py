@@ -152,6 +152,8 @@ def test_auto_detect_follows_column_mapping_and_names_the_columns_when_nothing_f
         ({"messages": [{"role": "user", "content": ""}, QA[1]]}, "messages", MISSING_FIELD),
         ({"messages": [{"role": "tool", "content": "42"}]}, "messages", UNMAPPABLE_ROLE),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages", NON_TEXT),
+        ({"messages": QA, "images": ["cat.png"]}, "messages", NON_TEXT),  # TRL's vision datasets
+        ({"instruction": "Describe it.", "output": "A cat.", "image": "cat.png"}, "alpaca", NON_TEXT),
         ({"prompt": "x", "completion": ""}, "prompt_completion", MISSING_FIELD),
         ({"text": None}, "text", MISSING_FIELD),
         (["not", "an", "object"], "text", MALFORMED),

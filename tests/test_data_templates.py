@@ -163,7 +163,12 @@ def test_train_on_prompt_trains_system_and_user_turns_too(base_tokenizer: PreTra
     ("template", "marker", "trained"),
     [
         (MISTRAL_STYLE, "<eos>", "2|<eos>|4|<eos>"),
-        (QWEN3_STYLE, "<|im_end|>\n", "2|<|im_end|>|\n|4|<|im_end|>|\n"),
+        # The last answer's empty reasoning block follows its generation prompt: trained with it.
+        (
+            QWEN3_STYLE,
+            "<|im_end|>\n",
+            "2|<|im_end|>|\n|<|t|h|in|k|>|\n|\n|<|/|t|h|in|k|>|\n\n|4|<|im_end|>|\n",
+        ),
     ],
 )
 def test_prefix_inconsistent_template_is_masked_by_locating_the_turns(
@@ -264,3 +269,65 @@ def test_an_answer_with_loss_weight_zero_is_masked_and_one_is_trained(
         if label == IGNORE_INDEX
     )
     assert untrained == masked
+
+
+# Each embedded family's own template (data/templates.py) on MULTI_TURN: the answers and their end of
+# turn, nothing else. Gemma-3 folds the system turn into the first user turn; Gemma-4 26B/31B's
+# generation prompt ends in an empty thought channel the rendered answers lack (located, with
+# <turn|> found without it); Qwen3 writes an empty reasoning block before the last answer only.
+FAMILY_ANSWERS = {
+    "tiny-gemma3": "2<end_of_turn>\n4<end_of_turn>\n",
+    "tiny-gemma4": "2<turn|>\n4<turn|>\n",
+    "tiny-gemma4-mm": "2<turn|>\n4<turn|>\n",
+    "tiny-qwen3": "2<|im_end|>\n<think>\n\n</think>\n\n4<|im_end|>\n",
+    "tiny-llama": "2<|eot_id|>4<|eot_id|>",
+}
+
+
+def _family_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_embedded(f"embedded:{name}"))
+
+
+@pytest.mark.parametrize(("name", "trained"), FAMILY_ANSWERS.items())
+def test_each_family_template_trains_exactly_the_answers(name: str, trained: str) -> None:
+    tokenizer = _family_tokenizer(name)
+    encoded = _encode(MULTI_TURN, tokenizer)
+    assert isinstance(encoded, Encoded), encoded
+    answers = [token for token, label in zip(encoded.input_ids, encoded.labels, strict=True) if label >= 0]
+    assert tokenizer.decode(answers) == trained
+    assert "Answer briefly." in tokenizer.decode(encoded.input_ids)  # the system turn is kept
+
+
+def test_gemma3_template_takes_a_system_turn_into_the_first_user_turn() -> None:
+    rendered = _family_tokenizer("tiny-gemma3").apply_chat_template(MULTI_TURN.messages, tokenize=False)
+    assert "<start_of_turn>user\nAnswer briefly.\n\nWhat is 1 + 1?<end_of_turn>" in str(rendered)
+
+
+def test_qwen3_single_and_multi_turn_rows_train_the_last_answer_alike() -> None:
+    """Qwen3 renders an (empty) reasoning block before the answer the model generates: a one-turn row
+    (prefix masking) and the last answer of a longer row (located) both train it."""
+    tokenizer = _family_tokenizer("tiny-qwen3")
+    single = _encode(Conversation(MULTI_TURN.messages[1:3]), tokenizer)
+    assert isinstance(single, Encoded)
+    assert tokenizer.decode(
+        [t for t, label in zip(single.input_ids, single.labels, strict=True) if label >= 0]
+    ) == ("<think>\n\n</think>\n\n2<|im_end|>\n")
+
+
+def test_qwen3_keeps_the_last_answers_reasoning_and_drops_rows_whose_earlier_reasoning_it_strips() -> None:
+    tokenizer = _family_tokenizer("tiny-qwen3")
+    reasoned = [
+        {"role": "user", "content": "What is 1 + 1?"},
+        {"role": "assistant", "content": "<think>\nadd one\n</think>\n\n2"},
+        {"role": "user", "content": "And 2 + 2?"},
+        {"role": "assistant", "content": "<think>\nadd two\n</think>\n\n4"},
+    ]
+    last = _encode(Conversation(reasoned[2:]), tokenizer)
+    assert isinstance(last, Encoded)
+    assert tokenizer.decode(
+        [t for t, label in zip(last.input_ids, last.labels, strict=True) if label >= 0]
+    ) == ("<think>\nadd two\n</think>\n\n4<|im_end|>\n")
+    # The template drops the first answer's reasoning from the history: that text cannot be trained
+    # as the data has it, so the row is a counted drop rather than a mislabelled one.
+    dropped = _encode(Conversation(reasoned), tokenizer)
+    assert isinstance(dropped, Drop) and dropped.reason == TEMPLATE_INCONSISTENT

@@ -26,6 +26,8 @@ MISSING_FIELD = "missing_or_empty_field"
 MALFORMED = "malformed_row"
 UNMAPPABLE_ROLE = "unmappable_role"
 NON_TEXT = "non_text_content"
+# Columns vision-language datasets keep images in (TRL's and LLaVA's): such rows are not text-only.
+IMAGE_COLUMNS = ("images", "image")
 UNSUPPORTED_LOSS_WEIGHT = "unsupported_loss_weight"
 
 # Role names the ecosystem uses for the three roles every chat template knows.
@@ -100,8 +102,8 @@ def to_conversation(
     row: Any, fmt: str, columns: DataColumnsConfig, role_map: Mapping[str, str]
 ) -> Conversation | Drop:
     """One source row in the internal form, or why it cannot be used."""
-    if not isinstance(row, Mapping):
-        return Drop(MALFORMED, f"expected an object with columns, got {type(row).__name__}")
+    if (unusable := _unusable_row(row)) is not None:
+        return unusable
     try:
         if fmt == "alpaca":
             return _from_alpaca(row, columns)
@@ -125,6 +127,20 @@ def alpaca_to_messages(
     """One alpaca row as a conversation; None when a required field is missing or empty."""
     result = to_conversation(row, "alpaca", columns or DataColumnsConfig(), {})
     return result.messages if isinstance(result, Conversation) else None
+
+
+def _unusable_row(row: Any) -> Drop | None:
+    """Why `row` cannot become a text conversation in any format: not an object, or images in it."""
+    if not isinstance(row, Mapping):
+        return Drop(MALFORMED, f"expected an object with columns, got {type(row).__name__}")
+    images = [column for column in IMAGE_COLUMNS if row.get(column)]
+    if images:
+        return Drop(
+            NON_TEXT,
+            f"the row carries images ({', '.join(images)}); fine-tuning here is text-only (image+text "
+            "training is not supported). Fix: leave the image rows out of the data",
+        )
+    return None
 
 
 def _from_alpaca(row: Mapping[str, Any], columns: DataColumnsConfig) -> Conversation:
@@ -217,7 +233,10 @@ def _message_text(content: Any, turn: int) -> str:
         kinds = {part.get("type") for part in content if isinstance(part, Mapping)}
         if kinds == {"text"} and all(isinstance(part, Mapping) for part in content):
             return "".join(str(part.get("text") or part.get("value") or "") for part in content).strip()
-        raise _RowProblem(NON_TEXT, f"message {turn} has non-text parts {sorted(map(str, kinds))}")
+        raise _RowProblem(
+            NON_TEXT,
+            f"message {turn} has non-text parts {sorted(map(str, kinds))}; fine-tuning here is text-only",
+        )
     raise _RowProblem(MALFORMED, f"message {turn}'s content is a {type(content).__name__}")
 
 

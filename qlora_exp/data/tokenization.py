@@ -207,7 +207,9 @@ def tokenize_by_offsets(
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
     suffix = end_of_turn_marker(tokenizer)
-    spans, cursor = [], 0
+    spans: list[tuple[int, int]] = []
+    after_prompts: list[int | None] = []
+    cursor = 0
     for turn, message in enumerate(messages):
         if message["role"] == "system":  # some templates move it; it is never trained
             continue
@@ -217,12 +219,21 @@ def tokenize_by_offsets(
                 f"turn {turn} ({message['role']}) is not found in the rendered conversation, so its "
                 "tokens cannot be told apart. Fix: set data.chat_template (e.g. chatml)"
             )
-        cursor = start + len(message["content"])
+        previous_end, cursor = cursor, start + len(message["content"])
         if message["role"] == "assistant":
             if suffix and text.startswith(suffix, cursor):
                 cursor += len(suffix)
             if turn in turns:
                 spans.append((start, cursor))
+                prompt = _prompt_text(tokenizer, messages[:turn])
+                fits = prompt is not None and text.startswith(prompt) and previous_end <= len(prompt) <= start
+                after_prompts.append(len(prompt) if fits and prompt is not None else None)
+    starts = [after for after in after_prompts if after is not None]
+    if len(starts) == len(spans):
+        # Every answer follows its generation prompt in the text: what the template puts between the
+        # two (Qwen3's empty <think> block on the last answers) is what the model generates, so it is
+        # trained with the answer, as the prefix method trains it on conversations it can handle.
+        spans = [(after, end) for after, (_, end) in zip(starts, spans, strict=True)]
     labels = [
         token
         if any(begin < end_span and end > start_span for start_span, end_span in spans) != train_on_prompt
@@ -232,23 +243,33 @@ def tokenize_by_offsets(
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+def _prompt_text(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str | None:
+    """`messages` rendered with the generation prompt; None where the template refuses them."""
+    if not messages:
+        return None
+    try:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    except TemplateError:
+        return None
+
+
 def end_of_turn_marker(tokenizer: PreTrainedTokenizerBase) -> str:
     """What the template writes right after an assistant's text (e.g. `<|im_end|>\\n`, `</s>`), found by
-    rendering a probe conversation; empty when the template does not show it plainly."""
+    rendering a probe conversation: the text after the probe answer, which needs no generation prompt
+    (Gemma-4 26B/31B's prompt adds an empty thought channel that the rendered answer lacks). Empty
+    when the template does not show the answer once."""
     probe = "probe-answer-5e1f"
-    question: list[Message] = [{"role": "user", "content": "probe-question"}]
+    conversation: list[Message] = [
+        {"role": "user", "content": "probe-question"},
+        {"role": "assistant", "content": probe},
+    ]
     try:
-        prompt = str(tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True))
-        whole = str(
-            tokenizer.apply_chat_template(
-                [*question, {"role": "assistant", "content": probe}], tokenize=False
-            )
-        )
+        whole = str(tokenizer.apply_chat_template(conversation, tokenize=False))
     except TemplateError:
         return ""
-    if not whole.startswith(prompt) or probe not in whole[len(prompt) :]:
+    if whole.count(probe) != 1:
         return ""
-    return whole[len(prompt) :].split(probe, 1)[1]
+    return whole.split(probe, 1)[1]
 
 
 def tokenize_raw(

@@ -24,6 +24,8 @@ from transformers import (
     LlamaForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from qlora_exp.data.templates import (
@@ -194,6 +196,17 @@ def qwen3_config(shape: Shape, ids: TokenIds) -> Qwen3Config:
 
 QWEN3 = Family(Qwen3ForCausalLM, qwen3_config, QWEN3_CHAT)
 
+
+def qwen3_moe_config(shape: Shape, ids: TokenIds) -> Qwen3MoeConfig:
+    """Qwen3-MoE: Qwen3's attention; every layer's MLP a router and fused experts (transformers 5),
+    top-k routing weights renormalised as in the released models."""
+    return Qwen3MoeConfig(
+        **{"tie_word_embeddings": False, "norm_topk_prob": True, **text_config_kwargs(shape, ids)}
+    )
+
+
+QWEN3_MOE = Family(Qwen3MoeForCausalLM, qwen3_moe_config, QWEN3_CHAT)
+
 # Llama-3.1-Instruct's tokenizer has no pad token (the loader pads with EOS, as users do).
 LLAMA3_CHAT = ChatConventions(
     template=LLAMA31_CHAT_TEMPLATE,
@@ -236,6 +249,7 @@ _TINY_SIGLIP = {
         "num_attention_heads": 2,
         "image_size": 32,
         "patch_size": 8,
+        "vision_use_head": False,  # as Gemma-3's tower: its patch embeddings feed the projector
     },
     "mm_tokens_per_image": 4,
 }
@@ -317,6 +331,11 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     ),
     "tiny-qwen3": EmbeddedModel(QWEN3, Shape(**_TINY, options={"tie_word_embeddings": True})),
     "tiny-llama": EmbeddedModel(LLAMA3, Shape(**_TINY)),
+    # 4 experts of width 32, 2 active per token, in each of the 2 layers.
+    "tiny-qwen3-moe": EmbeddedModel(
+        QWEN3_MOE,
+        Shape(**_TINY, options={"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2}),
+    ),
     # google/gemma-3-4b-it's shape (SigLIP tower included), for benchmarks.
     "gemma3-4b": EmbeddedModel(
         GEMMA3_MM,
@@ -358,6 +377,26 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             sliding_window=512,
             options={"global_head_dim": 512, "hidden_size_per_layer_input": 256, "num_kv_shared_layers": 18},
             sub_configs={"vision_config": {}, "audio_config": {}},
+        ),
+    ),
+    # Qwen/Qwen3-30B-A3B's shape (its config.json), for benchmarks: 30.5B parameters, 3.3B active.
+    "qwen3-30b-a3b": EmbeddedModel(
+        QWEN3_MOE,
+        Shape(
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            vocab_size=151936,
+            options={
+                "moe_intermediate_size": 768,
+                "num_experts": 128,
+                "num_experts_per_tok": 8,
+                "max_position_embeddings": 40960,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
         ),
     ),
     # Qwen/Qwen3-8B's shape, for benchmarks.
