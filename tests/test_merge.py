@@ -14,7 +14,6 @@ from qlora_exp.cli.merge import merge_run
 from qlora_exp.errors import ExitCode, RunDirectoryError
 from qlora_exp.model import resolve_source
 from qlora_exp.run.finished import FinishedRun
-from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def merged_dir(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("merged") / "model"
-    result = run_cli("qlora-merge", str(smoke_run), "--out", str(out), "--dtype", "bf16")
-    assert result.returncode == 0, result.stderr[-3000:]
+    merge.main([str(smoke_run), "--out", str(out), "--dtype", "bf16"])  # qlora-merge, in-process
     return out
 
 
