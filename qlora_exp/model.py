@@ -24,6 +24,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from qlora_exp.embedded import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
+from qlora_exp.moe.loading import fused_experts_loading, router_loss_kwargs
+from qlora_exp.moe.lora import count_trainable_by_kind, target_lora
 from qlora_exp.multimodal import exclude_non_text, loading_plan
 from qlora_exp.precision import DTYPES, resolve_compute_dtype, set_unquantized_precision
 from qlora_exp.run.directory import ADAPTER_DIR, TOKENIZER_DIR
@@ -185,15 +187,21 @@ def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
     model_class, skips = loading_plan(source, cfg.revision, cfg.trust_remote_code)
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code=true: executing code shipped with %s", source)
-    model = model_class.from_pretrained(
-        source,
-        revision=cfg.revision,
-        quantization_config=build_quantization_config(cfg, skips),
-        dtype=resolve_compute_dtype(cfg.bnb_4bit_compute_dtype),
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code,
-        device_map=_device_map(),
+    hf_config = AutoConfig.from_pretrained(
+        source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
+    # Fused MoE experts: refused, quantized or left as configured while loading (qlora_exp/moe/).
+    with fused_experts_loading(cfg):
+        model = model_class.from_pretrained(
+            source,
+            revision=cfg.revision,
+            quantization_config=build_quantization_config(cfg, skips),
+            dtype=resolve_compute_dtype(cfg.bnb_4bit_compute_dtype),
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            device_map=_device_map(),
+            **router_loss_kwargs(cfg, hf_config),
+        )
     disable_cpu_weight_repacking(model)
     return model
 
@@ -234,9 +242,14 @@ def load_trainable_base(model_cfg: ModelConfig) -> PreTrainedModel:
 
 def attach_lora(base: PreTrainedModel, lora_cfg: LoraConfig) -> peft.PeftModel:
     """A fresh LoRA adapter on `base` (initialised from the current torch seed)."""
-    model = peft.get_peft_model(base, exclude_non_text(build_lora_config(lora_cfg), base))
+    config = build_lora_config(lora_cfg)
+    target_lora(config, base, list(lora_cfg.target_modules))  # presets, fused experts
+    model = peft.get_peft_model(base, exclude_non_text(config, base))
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA: %d trainable of %d parameters (%.3f%%)", trainable, total, 100 * trainable / total)
+    by_kind = ", ".join(f"{kind} {count:,}" for kind, count in count_trainable_by_kind(model).items())
+    log.info(
+        "LoRA: %d trainable of %d parameters (%.3f%%): %s", trainable, total, 100 * trainable / total, by_kind
+    )
     return model
 
 

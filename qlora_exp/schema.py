@@ -62,9 +62,37 @@ class ModelConfig:
     # updates survive the fp32 sums, as with the fp32 upcast, without fp32 embeddings, an fp32 LM
     # head, fp32 blocks or their memory. BENCHMARKS.md.
     fp32_residual: bool = False
+    # Mixture-of-experts models (qlora_exp/moe/): the fused experts in 4 bits like every linear weight.
+    # false keeps them unquantized, explicitly; a MoE layout that cannot be quantized is refused.
+    quantize_experts: bool = True
+    # The router's load-balancing loss, added to the loss by transformers (output_router_logits):
+    # with the model's own coefficient, or router_aux_loss_coef when given.
+    router_aux_loss: bool = False
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.name_or_path), "model.name_or_path", "is empty", "name a hub id or a local dir")
+        _require(
+            self.router_aux_loss_coef is None or self.router_aux_loss,
+            "model.router_aux_loss_coef",
+            "is set but model.router_aux_loss=false, so no load-balancing loss is added",
+            "also set model.router_aux_loss=true, or drop the coefficient",
+        )
+        _require(
+            self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+            "model.router_aux_loss_coef",
+            f"must be >= 0, got {self.router_aux_loss_coef}",
+            "use e.g. 0.001, or null for the model's own",
+        )
+        # peft's k-bit preparation casts every unquantized weight to fp32: unquantized experts would
+        # take 4 bytes per parameter (~116 GB for Qwen3-30B-A3B).
+        _require(
+            self.quantize_experts or not self.upcast_unquantized_params,
+            "model.quantize_experts",
+            "false keeps the experts unquantized, and model.upcast_unquantized_params=true would cast "
+            "them to fp32",
+            "also set model.upcast_unquantized_params=false (experts in the compute dtype)",
+        )
         _require_choice(self.attn_implementation, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
         _require_choice(self.bnb_4bit_quant_type, "model.bnb_4bit_quant_type", ("nf4", "fp4"))
         _require_choice(self.bnb_4bit_compute_dtype, "model.bnb_4bit_compute_dtype", COMPUTE_DTYPES)
@@ -108,6 +136,15 @@ class LoraConfig:
             "use e.g. 0.05",
         )
         _require(bool(self.target_modules), "lora.target_modules", "is empty", "use [all-linear] or names")
+        # Presets (qlora_exp/moe/lora.py): all-linear (= all), attention, experts, joined with `+`.
+        for everything in {"all", "all-linear"} & set(self.target_modules):
+            _require(
+                len(self.target_modules) == 1,
+                "lora.target_modules",
+                f"{everything} already targets every linear layer and the fused experts, "
+                f"so {list(self.target_modules)} lists more than it",
+                "use [all-linear] alone, or name what to target, e.g. [attention+experts]",
+            )
         _require_choice(self.bias, "lora.bias", ("none", "all", "lora_only"))
 
     @property

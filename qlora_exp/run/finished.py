@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from qlora_exp.errors import ConfigError, RunDirectoryError
 from qlora_exp.model import check_attention, load_quantized_base, resolve_source
+from qlora_exp.moe.lora import load_adapter
 from qlora_exp.run.directory import ADAPTER_DIR, COMPLETED, FAILED, RESOLVED_CONFIG, TOKENIZER_DIR
 from qlora_exp.schema import Config, to_schema
 
@@ -68,7 +69,7 @@ class FinishedRun:
         """Base model quantized as in training, with the run's adapter, ready for generation."""
         base = load_quantized_base(self.config.model)
         log.info("loading adapter from %s", self.path / ADAPTER_DIR)
-        return peft.PeftModel.from_pretrained(base, self.path / ADAPTER_DIR).eval()
+        return load_adapter(base, self.path / ADAPTER_DIR).eval()
 
     def load_16bit_model(self, dtype: torch.dtype) -> peft.PeftModel:
         """Base model in `dtype` (not quantized), with the run's adapter: what a merge starts from."""
@@ -82,4 +83,4 @@ class FinishedRun:
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
         )
-        return peft.PeftModel.from_pretrained(base, self.path / ADAPTER_DIR).eval()
+        return load_adapter(base, self.path / ADAPTER_DIR).eval()
