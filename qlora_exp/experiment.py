@@ -9,24 +9,29 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import set_seed
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase, Trainer, set_seed
 
 from qlora_exp.data.module import DataModule
+from qlora_exp.data.preference import build_data_module
 from qlora_exp.data.preview import preview_data
 from qlora_exp.errors import ExitCode, exit_code_for
 from qlora_exp.generation import HeldOutSamples
 from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, QuantizedWeightGuard, oom_advice
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
+from qlora_exp.preference import build_preference_trainer, starting_run, train_and_evaluate_preference
 from qlora_exp.run.context import RunContext
 from qlora_exp.run.directory import DATA_STATS, METRICS, RunDirectory
 from qlora_exp.run.distributed import quiet_non_main_ranks
+from qlora_exp.run.finished import FinishedRun
 from qlora_exp.run.resume import prepare_resume
 from qlora_exp.run.sweep import JobFailure, end_failed_job, finished_objective
-from qlora_exp.schema import to_schema
+from qlora_exp.schema import Config, to_schema
 from qlora_exp.tracking import Tracker, TrackingCallback
 from qlora_exp.training import (
     build_evaluation_callbacks,
@@ -49,6 +54,7 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
     quiet_non_main_ranks()
     if (objective := finished_objective(run, resolved)) is not None:  # sweep rerun: already done
         return objective
+    start = starting_run(schema)  # method.init_from's finished run, checked before anything loads
     with RunDirectory(run_dir) as run_directory:
         log.info("run directory: %s", run_dir)
         checkpoint = prepare_resume(run_dir, resolved, schema.resume, schema.resume_force)
@@ -56,26 +62,27 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
         run_directory.write_provenance()
         set_seed(schema.seed)
         tokenizer = load_tokenizer(schema.model)
-        data = DataModule(schema.data, tokenizer, schema.seed, schema.trainer.per_device_train_batch_size)
+        data = build_data_module(schema, tokenizer)
         data.setup()
         run_directory.write_json(DATA_STATS, data.stats.to_dict())
         run_directory.write_provenance(data_fingerprint=data.fingerprint)
-        model = build_quantized_model(schema.model, schema.lora)
+        trainer = method_trainer(schema, tokenizer, data, run_dir, start)
+        model = cast(PeftModel, trainer.model)  # both methods train a LoRA adapter
         trainable = count_trainable_parameters(model)
         extra = {"trainable_params": trainable, "lora_scale": schema.lora.scale}
         with Tracker(schema.tracking, run, {**resolved, **extra}) as tracker:
-            args = build_training_arguments(schema.trainer, run_dir, schema.seed)
             samples = HeldOutSamples(schema.eval, data, run_dir, tracker)
-            callbacks = [
+            for callback in (
                 TrackingCallback(tracker),
                 samples,
                 NonFiniteGuard(schema.trainer.nan_guard_patience),
                 PreemptionCallback(),
                 QuantizedWeightGuard(),  # after the samples: it checks after their generations
                 *build_evaluation_callbacks(schema.trainer),
-            ]
-            trainer = build_trainer(model, tokenizer, data, args, callbacks)
-            metrics = {**train_and_evaluate(trainer, checkpoint), **samples.metrics, **extra}
+            ):
+                trainer.add_callback(callback)
+            train = train_and_evaluate_preference if schema.method.preference else train_and_evaluate
+            metrics = {**train(trainer, checkpoint), **samples.metrics, **extra}
             if run_directory.writer:
                 save_adapter(model, tokenizer, run_dir)
             run_directory.write_json(METRICS, metrics)
@@ -85,6 +92,20 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
         run_directory.mark_completed()
         log.info("COMPLETED: %s", run_dir)
     return float(metrics["eval_loss"])
+
+
+def method_trainer(
+    cfg: Config,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataModule,
+    run_dir: Path,
+    start: FinishedRun | None,
+) -> Trainer:
+    """The configured method's trainer, with its model: SFT's Trainer, or DPO's (qlora_exp/preference.py)."""
+    if cfg.method.preference:
+        return build_preference_trainer(cfg, tokenizer, data, run_dir, start)
+    model = build_quantized_model(cfg.model, cfg.lora)
+    return build_trainer(model, tokenizer, data, build_training_arguments(cfg.trainer, run_dir, cfg.seed))
 
 
 def run_job(cfg: DictConfig, run: RunContext) -> float | JobFailure:

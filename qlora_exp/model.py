@@ -221,6 +221,11 @@ def apply_speed_kernels(model: PreTrainedModel, cfg: ModelConfig) -> None:
         apply_liger_kernel(model, None)
 
 
+# Non-reentrant checkpointing: the reentrant kind passes no gradient to LoRA weights whose inputs
+# (the frozen layers' outputs) do not require one. Trainers that re-enable checkpointing take the same.
+GRADIENT_CHECKPOINTING_KWARGS = {"use_reentrant": False}
+
+
 def load_trainable_base(model_cfg: ModelConfig) -> PreTrainedModel:
     """4-bit base with the configured kernels, frozen and prepared for k-bit training."""
     check_liger(model_cfg)
@@ -229,7 +234,7 @@ def load_trainable_base(model_cfg: ModelConfig) -> PreTrainedModel:
     base = peft.prepare_model_for_kbit_training(
         base,
         use_gradient_checkpointing=model_cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing_kwargs=dict(GRADIENT_CHECKPOINTING_KWARGS),
     )
     set_unquantized_precision(
         base,
@@ -253,6 +258,14 @@ def attach_lora(base: PreTrainedModel, lora_cfg: LoraConfig) -> peft.PeftModel:
     return model
 
 
+def attach_saved_adapter(base: PreTrainedModel, adapter_dir: Path) -> peft.PeftModel:
+    """A saved adapter (a finished run's `adapter/`) on `base`, trainable, to train further."""
+    model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA from %s: %d trainable of %d parameters", adapter_dir, trainable, total)
+    return model
+
+
 def build_quantized_model(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> peft.PeftModel:
     """4-bit base prepared for k-bit training (gradient checkpointing as configured) plus LoRA."""
     return attach_lora(load_trainable_base(model_cfg), lora_cfg)
@@ -264,6 +277,9 @@ def count_trainable_parameters(model: torch.nn.Module) -> int:
 
 
 def save_adapter(model: peft.PeftModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> None:
-    """Adapter (safetensors) and tokenizer: what a user ships."""
-    model.save_pretrained(str(run_dir / ADAPTER_DIR), safe_serialization=True)
+    """The trained adapter (safetensors) and tokenizer: what a user ships. Only the active adapter:
+    a trainer may hold others beside it (TRL's DPO keeps a frozen reference copy)."""
+    model.save_pretrained(
+        str(run_dir / ADAPTER_DIR), safe_serialization=True, selected_adapters=[model.active_adapter]
+    )
     tokenizer.save_pretrained(run_dir / TOKENIZER_DIR)

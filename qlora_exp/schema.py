@@ -154,7 +154,10 @@ class LoraConfig:
 
 
 DATA_SOURCES = ("synthetic", "local", "hub")
-DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
+DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference")
+# What method=dpo reads: chosen/rejected answers after a prompt given the way each of these formats
+# gives one (qlora_exp/data/preference.py); `preference` is TRL's prompt/chosen/rejected.
+PREFERENCE_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "preference")
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -175,6 +178,8 @@ class DataColumnsConfig:
     role: str = "role"  # a message's role key; ShareGPT's `from` is read when this key is absent
     content: str = "content"  # a message's text key; ShareGPT's `value` is read when this key is absent
     loss_weight: str = "loss_weight"  # a message's 0/1 key: 0 leaves that turn untrained
+    chosen: str = "chosen"  # preference data (method=dpo): the preferred answer
+    rejected: str = "rejected"  # preference data (method=dpo): the dispreferred answer
 
 
 @dataclass
@@ -187,7 +192,7 @@ class DataConfig:
     hub_config: str | None = None  # the hub dataset's configuration (subset) name, if it has several
     split: str = "train"
     revision: str | None = None
-    format: str = "auto"  # auto | alpaca | messages | sharegpt | prompt_completion | text
+    format: str = "auto"  # auto | alpaca | messages | sharegpt | prompt_completion | text | preference
     columns: DataColumnsConfig = field(default_factory=DataColumnsConfig)
     # Roles beyond the known aliases, e.g. {observation: user, function_call: assistant};
     # on the command line: +data.role_map.observation=user
@@ -383,6 +388,71 @@ class TrackingConfig:
         _require(not long_tags, "tracking.tags", f"tags must be 1-64 characters: {long_tags}", "shorten them")
 
 
+METHODS = ("sft", "dpo")
+# TRL DPOTrainer's loss types that take no setting besides beta (exo_pair and robust also need label
+# smoothing; `sft` alone is not a preference loss).
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "sigmoid_norm",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+)
+DPO_BETA, DPO_LOSS_TYPE = 0.1, "sigmoid"  # what null means under dpo: TRL's defaults, the DPO paper's loss
+
+
+@dataclass
+class MethodConfig:
+    """How the adapter is trained: `sft` (supervised, on answers) or `dpo` (TRL's DPOTrainer, on
+    chosen/rejected pairs; qlora_exp/preference.py).
+
+    Keys that only DPO reads default to null, so that one set under sft is refused rather than
+    ignored; under dpo a null takes the default named in its comment (`__post_init__` fills it in).
+    """
+
+    name: str = "sft"  # sft | dpo
+    beta: float | None = None  # dpo, null: DPO_BETA. Higher keeps the policy closer to the reference
+    loss_type: str | None = None  # dpo, null: DPO_LOSS_TYPE; one of DPO_LOSS_TYPES
+    # dpo: a finished run directory whose adapter DPO continues (trainable) and keeps, frozen, as the
+    # reference; null: a fresh adapter, whose reference is the base model (the adapter disabled).
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_choice(self.name, "method.name", METHODS)
+        if not self.preference:
+            for key in ("beta", "loss_type", "init_from"):
+                value = getattr(self, key)
+                _require(
+                    value is None,
+                    f"method.{key}",
+                    f"is set but method={self.name} does not read it",
+                    f"pick a preference method too: method=dpo method.{key}={value}",
+                )
+            return
+        self.beta = DPO_BETA if self.beta is None else self.beta
+        self.loss_type = DPO_LOSS_TYPE if self.loss_type is None else self.loss_type
+        _require(self.beta > 0, "method.beta", f"must be positive, got {self.beta}", "use e.g. 0.1")
+        _require_choice(self.loss_type, "method.loss_type", DPO_LOSS_TYPES)
+        _require(
+            self.init_from is None or bool(self.init_from),
+            "method.init_from",
+            "is empty",
+            "name a finished run directory, or leave it null",
+        )
+
+    @property
+    def preference(self) -> bool:
+        """True for methods trained on chosen/rejected pairs."""
+        return self.name == "dpo"
+
+
 @dataclass
 class EvalConfig:
     """Generations on held-out prompts: shown as samples, scored by exact match against the reference."""
@@ -421,6 +491,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     # A run directory to continue (conf/config.yaml makes it the Hydra run dir); rerunning with
     # hydra.run.dir=RUN_DIR does the same. A changed config that matters is refused unless forced.
     resume: str | None = None
@@ -434,6 +505,40 @@ class Config:
             "needs evaluations during training, but trainer.eval_steps=0",
             "set trainer.eval_steps, e.g. trainer.eval_steps=50",
         )
+        if self.method.preference:
+            self._check_preference_data()
+        else:
+            _require(
+                self.data.format != "preference",
+                "data.format",
+                f"preference pairs need a preference method, but method={self.method.name}",
+                "train them with method=dpo, or pick a supervised format",
+            )
+
+    def _check_preference_data(self) -> None:
+        """What DPO's data cannot do: formats without chosen/rejected, prompt training, flattening."""
+        method = f"method={self.method.name}"
+        for ok, key, problem, fix in (
+            (
+                self.data.format in PREFERENCE_FORMATS,
+                "data.format",
+                f"{self.data.format} has no chosen/rejected answers to compare under {method}",
+                f"use one of {', '.join(PREFERENCE_FORMATS)}",
+            ),
+            (
+                not self.data.train_on_prompt,
+                "data.train_on_prompt",
+                f"{method} compares the chosen and rejected answers; the prompt is never trained",
+                "leave data.train_on_prompt=false",
+            ),
+            (  # TRL 1.16's DPOTrainer has padding-free batches switched off ("temporarily unavailable")
+                self.data.packing == "none",
+                "data.packing",
+                f"{self.data.packing} is not available under {method} (TRL's DPOTrainer pads every batch)",
+                "set data.packing=none",
+            ),
+        ):
+            _require(ok, key, problem, fix)
 
 
 def register_configs() -> None:
@@ -446,6 +551,7 @@ def register_configs() -> None:
         ("data", DataConfig),
         ("trainer", TrainerConfig),
         ("tracking", TrackingConfig),
+        ("method", MethodConfig),
     ):
         cs.store(group=group, name="schema", node=node)
 

@@ -30,10 +30,17 @@ from qlora_exp.schema import TrainerConfig
 log = logging.getLogger(__name__)
 
 
-def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> TrainingArguments:
-    """TrainingArguments from our schema; what the user does not set is fixed here, on purpose."""
+def build_training_arguments(
+    cfg: TrainerConfig,
+    run_dir: Path,
+    seed: int,
+    arguments_class: type[TrainingArguments] = TrainingArguments,
+    **method_arguments: Any,
+) -> TrainingArguments:
+    """TrainingArguments from our schema; what the user does not set is fixed here, on purpose. A
+    method's trainer takes its own subclass (TRL's DPOConfig) with its `method_arguments`."""
     precision = resolve_precision(cfg.precision)
-    return TrainingArguments(
+    return arguments_class(
         output_dir=str(run_dir / CHECKPOINTS_DIR),
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -77,6 +84,7 @@ def build_training_arguments(cfg: TrainerConfig, run_dir: Path, seed: int) -> Tr
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         disable_tqdm=True,
+        **method_arguments,
     )
 
 
@@ -117,9 +125,9 @@ def build_trainer(
     tokenizer: PreTrainedTokenizerBase,
     data: DataModule,
     args: TrainingArguments,
-    callbacks: list[TrainerCallback],
 ) -> Trainer:
-    """A Trainer (atomic checkpoints) over the DataModule's datasets and dynamic-padding collator."""
+    """A Trainer (atomic checkpoints) over the DataModule's datasets and dynamic-padding collator; the
+    run adds its callbacks (`Trainer.add_callback`), as it does to every method's trainer."""
     return AtomicCheckpointTrainer(
         model=model,
         args=args,
@@ -127,40 +135,39 @@ def build_trainer(
         eval_dataset=data.val_dataset,
         data_collator=data.collator(),
         processing_class=tokenizer,
-        callbacks=callbacks,
     )
 
 
-def final_eval_loss(trainer: Trainer) -> float:
-    """The trained model's eval loss: the evaluation at the last step when the Trainer ran one
-    (eval_steps divides the steps) and kept that model, else a new evaluation."""
+def final_evaluation(trainer: Trainer) -> dict[str, float]:
+    """The trained model's evaluation metrics (eval_loss and whatever the trainer adds): those of the
+    evaluation at the last step when the Trainer ran one (eval_steps divides the steps) and kept that
+    model, else a new evaluation."""
     last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
     if (
         last is not None
         and last["step"] == trainer.state.global_step > 0
         and not trainer.args.load_best_model_at_end  # then the model was reloaded: evaluate it
     ):
-        return float(last["eval_loss"])
-    return float(trainer.evaluate()["eval_loss"])
+        return {key: float(value) for key, value in last.items() if key.startswith("eval_")}
+    return trainer.evaluate()
 
 
-def train_and_evaluate(trainer: Trainer, resume_from: Path | None = None) -> dict[str, Any]:
-    """Evaluate, train (from `resume_from` if given), evaluate again on the same in-memory model."""
+def train_and_measure(
+    trainer: Trainer, resume_from: Path | None = None
+) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """Train (from `resume_from` if given) with an evaluation first and last on the same in-memory
+    model; returns the evaluation before training, the one after, and what the run measured (loss,
+    steps, tokens, speed, memory). Every method's metrics are built from these."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     tokens_at_start = tokens_before(resume_from)  # read now: rotation may delete that checkpoint
     # Evaluates first (eval_on_start); a resumed run keeps its step-0 evaluation in the log history.
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    before = next(entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry)
-    log.info("eval_loss before training: %.4f", before)
-    after = final_eval_loss(trainer)
+    before = next(entry for entry in trainer.state.log_history if "eval_loss" in entry)
+    after = final_evaluation(trainer)
     runtime = float(result.metrics["train_runtime"])
     tokens = int(trainer.state.num_input_tokens_seen)
-    metrics = {
-        "eval_loss_before": float(before),
-        "eval_loss": float(after),
-        "perplexity_before": perplexity(before),
-        "perplexity": perplexity(after),
+    measured = {
         # A resumed Trainer reports the loss of this session's steps only; use the whole run's log.
         "train_loss": logged_train_loss(trainer.state) if resume_from else float(result.training_loss),
         "train_steps": int(trainer.state.global_step),
@@ -173,19 +180,34 @@ def train_and_evaluate(trainer: Trainer, resume_from: Path | None = None) -> dic
         * trainer.args.world_size,
         "ranks_agree": parameters_agree_across_ranks(trainer.model),  # type: ignore[arg-type]
         **peak_memory(),
-        "eval_history": eval_history(trainer.state.log_history),
     }
-    if not metrics["ranks_agree"]:
+    if not measured["ranks_agree"]:
         raise QloraError(
             "data-parallel ranks ended with different adapter weights: gradients were not synchronised. "
             "Fix: report this with train.log; do not use this run's adapter"
         )
+    return before, after, measured
+
+
+def train_and_evaluate(trainer: Trainer, resume_from: Path | None = None) -> dict[str, Any]:
+    """Train (SFT) and return metrics.json's figures: eval loss and perplexity before and after."""
+    before_metrics, after_metrics, measured = train_and_measure(trainer, resume_from)
+    before, after = before_metrics["eval_loss"], after_metrics["eval_loss"]
+    log.info("eval_loss before training: %.4f", before)
+    metrics = {
+        "eval_loss_before": float(before),
+        "eval_loss": float(after),
+        "perplexity_before": perplexity(before),
+        "perplexity": perplexity(after),
+        **measured,
+        "eval_history": eval_history(trainer.state.log_history),
+    }
     log.info(
         "eval_loss %.4f -> %.4f, train_loss %.4f, %.0f tokens/s, %.1f s",
         before,
         after,
         metrics["train_loss"],
         metrics["train_tokens_per_second"],
-        runtime,
+        metrics["train_runtime_s"],
     )
     return metrics

@@ -15,6 +15,7 @@ from qlora_exp.schema import (
     Config,
     DataConfig,
     LoraConfig,
+    MethodConfig,
     ModelConfig,
     TrackingConfig,
     TrainerConfig,
@@ -37,8 +38,9 @@ GROUP_SCHEMAS = {
     "data": DataConfig,
     "trainer": TrainerConfig,
     "tracking": TrackingConfig,
+    "method": MethodConfig,
 }
-# All that the default presets (model=tiny, lora=default, data=synthetic, trainer=default,
+# All that the default presets (model=tiny, lora=default, data=synthetic, trainer=default, method=sft,
 # tracking=wandb) change from the dataclass defaults. Any other difference is a default kept in two places.
 DEFAULT_PRESET_CHANGES = {"model": {"name_or_path": "embedded:tiny-gemma2"}}
 # Preset values equal to the schema's default on purpose: pinned against a change of that default.

@@ -65,8 +65,8 @@ class Drop:
     detail: str
 
 
-class _RowProblem(Exception):
-    """Internal: carries a Drop out of nested parsing."""
+class RowProblem(Exception):
+    """Carries a Drop out of nested parsing (here and in the preference formats, data/preference.py)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -91,8 +91,10 @@ def detect_format(rows: Iterable[Any], columns: DataColumnsConfig) -> str:
     for name, needed in candidates:
         if all(column in keys for column in needed):
             return name
+    preference = {columns.chosen, columns.rejected} <= keys
+    pairs = " These look like preference pairs: train them with method=dpo." if preference else ""
     raise DataError(
-        f"data.format=auto: no known format matches the columns {sorted(keys)}. Fix: set data.format "
+        f"data.format=auto: no known format matches the columns {sorted(keys)}.{pairs} Fix: set data.format "
         "(alpaca, messages, sharegpt, prompt_completion, text) and map your column names with "
         "data.columns.* (e.g. data.columns.instruction=question data.columns.output=answer)"
     )
@@ -109,14 +111,14 @@ def to_conversation(
             return _from_alpaca(row, columns)
         if fmt in ("messages", "sharegpt"):
             column = columns.messages if fmt == "messages" else columns.conversations
-            return _weighted(_parse_messages(_required(row, column), columns, role_map))
+            return _weighted(parse_messages(_required(row, column), columns, role_map))
         if fmt == "prompt_completion":
             return _from_prompt_completion(row, columns, role_map)
         if fmt == "text":
             return Conversation(
                 [{"role": "assistant", "content": _required_text(row, columns.text)}], raw=True
             )
-    except _RowProblem as problem:
+    except RowProblem as problem:
         return problem.drop
     raise ValueError(f"unknown format {fmt!r}")  # the schema allows only the formats above
 
@@ -153,15 +155,13 @@ def _from_alpaca(row: Mapping[str, Any], columns: DataColumnsConfig) -> Conversa
         messages.append({"role": "system", "content": system})
     history = row.get(columns.history) or []
     if not isinstance(history, list):
-        raise _RowProblem(MALFORMED, f"{columns.history!r} must be a list of [instruction, response] pairs")
+        raise RowProblem(MALFORMED, f"{columns.history!r} must be a list of [instruction, response] pairs")
     for turn, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise _RowProblem(
-                MALFORMED, f"{columns.history!r}[{turn}] is not an [instruction, response] pair"
-            )
+            raise RowProblem(MALFORMED, f"{columns.history!r}[{turn}] is not an [instruction, response] pair")
         question, answer = (str(part or "").strip() for part in pair)
         if not question or not answer:
-            raise _RowProblem(MISSING_FIELD, f"{columns.history!r}[{turn}] has an empty side")
+            raise RowProblem(MISSING_FIELD, f"{columns.history!r}[{turn}] has an empty side")
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     user = f"{instruction}\n\n{extra}" if extra else instruction
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
@@ -175,16 +175,16 @@ def _from_prompt_completion(
     completion = _required(row, columns.completion)
     if isinstance(prompt, str) and isinstance(completion, str):
         if not prompt.strip() or not completion.strip():
-            raise _RowProblem(MISSING_FIELD, "empty prompt or completion")
+            raise RowProblem(MISSING_FIELD, "empty prompt or completion")
         return Conversation(
             [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], raw=True
         )
     # Conversational pairs (TRL's format): lists of messages, or a string completion after them.
-    head = _parse_messages(prompt, columns, role_map)
+    head = parse_messages(prompt, columns, role_map)
     tail: list[tuple[Message, int | None]] = (
         [({"role": "assistant", "content": completion.strip()}, None)]
         if isinstance(completion, str) and completion.strip()
-        else _parse_messages(completion, columns, role_map)
+        else parse_messages(completion, columns, role_map)
     )
     return _weighted(head + tail)
 
@@ -196,20 +196,20 @@ def _weighted(turns: list[tuple[Message, int | None]]) -> Conversation:
     return Conversation([message for message, _ in turns], loss_weights=weights if has_weights else [])
 
 
-def _parse_messages(
+def parse_messages(
     value: Any, columns: DataColumnsConfig, role_map: Mapping[str, str]
 ) -> list[tuple[Message, int | None]]:
     """Each message with its loss_weight (None when it has none); empty system messages left out."""
     if not isinstance(value, list) or not value:
-        raise _RowProblem(MALFORMED if value else MISSING_FIELD, "the message list is empty or not a list")
+        raise RowProblem(MALFORMED if value else MISSING_FIELD, "the message list is empty or not a list")
     messages: list[tuple[Message, int | None]] = []
     for turn, message in enumerate(value):
         if not isinstance(message, Mapping):
-            raise _RowProblem(MALFORMED, f"message {turn} is a {type(message).__name__}, not an object")
+            raise RowProblem(MALFORMED, f"message {turn} is a {type(message).__name__}, not an object")
         raw_role = message.get(columns.role, message.get("from"))
         role = role_map.get(str(raw_role)) or ROLE_ALIASES.get(str(raw_role).lower())
         if role is None:
-            raise _RowProblem(
+            raise RowProblem(
                 UNMAPPABLE_ROLE,
                 f"message {turn} has role {raw_role!r}. Fix: map it, e.g. +data.role_map.{raw_role}=user "
                 "(or assistant to train on it)",
@@ -218,7 +218,7 @@ def _parse_messages(
         if not content:
             if role == "system":
                 continue  # an empty system prompt carries nothing
-            raise _RowProblem(MISSING_FIELD, f"message {turn} ({raw_role}) is empty")
+            raise RowProblem(MISSING_FIELD, f"message {turn} ({raw_role}) is empty")
         weight = _loss_weight(message.get(columns.loss_weight), columns.loss_weight, turn, raw_role)
         messages.append(({"role": role, "content": content}, weight))
     return messages
@@ -233,11 +233,11 @@ def _message_text(content: Any, turn: int) -> str:
         kinds = {part.get("type") for part in content if isinstance(part, Mapping)}
         if kinds == {"text"} and all(isinstance(part, Mapping) for part in content):
             return "".join(str(part.get("text") or part.get("value") or "") for part in content).strip()
-        raise _RowProblem(
+        raise RowProblem(
             NON_TEXT,
             f"message {turn} has non-text parts {sorted(map(str, kinds))}; fine-tuning here is text-only",
         )
-    raise _RowProblem(MALFORMED, f"message {turn}'s content is a {type(content).__name__}")
+    raise RowProblem(MALFORMED, f"message {turn}'s content is a {type(content).__name__}")
 
 
 def _loss_weight(value: Any, key: str, turn: int, role: Any) -> int | None:
@@ -247,7 +247,7 @@ def _loss_weight(value: Any, key: str, turn: int, role: Any) -> int | None:
         return None
     if isinstance(value, (bool, int, float)) and value in (0, 1):
         return int(value)
-    raise _RowProblem(
+    raise RowProblem(
         UNSUPPORTED_LOSS_WEIGHT,
         f"message {turn} ({role}) has {key}={value!r}; only 0 (not trained) and 1 (trained) are "
         f"supported. Fix: set {key} to 0 or 1 in the data (or map another key: data.columns.loss_weight)",
@@ -257,14 +257,14 @@ def _loss_weight(value: Any, key: str, turn: int, role: Any) -> int | None:
 def _required(row: Mapping[str, Any], column: str) -> Any:
     value = row.get(column)
     if value is None or value in ("", []):
-        raise _RowProblem(MISSING_FIELD, f"column {column!r} is missing or empty")
+        raise RowProblem(MISSING_FIELD, f"column {column!r} is missing or empty")
     return value
 
 
 def _required_text(row: Mapping[str, Any], column: str) -> str:
     text = _optional_text(row, column)
     if not text:
-        raise _RowProblem(MISSING_FIELD, f"column {column!r} is missing or empty")
+        raise RowProblem(MISSING_FIELD, f"column {column!r} is missing or empty")
     return text
 
 
@@ -273,5 +273,5 @@ def _optional_text(row: Mapping[str, Any], column: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, (str, int, float)):
-        raise _RowProblem(MALFORMED, f"column {column!r} is a {type(value).__name__}, expected text")
+        raise RowProblem(MALFORMED, f"column {column!r} is a {type(value).__name__}, expected text")
     return str(value).strip()

@@ -158,6 +158,8 @@ def fingerprint_rows(rows: list[Any]) -> str:
 class DataModule:
     """Builds tokenized train/validation datasets and the batch collator from `DataConfig`."""
 
+    preference = False  # chosen/rejected pairs instead (PreferenceDataModule, data/preference.py)
+
     def __init__(
         self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, batch_size: int = 1
     ) -> None:
@@ -176,7 +178,7 @@ class DataModule:
         """Load, normalise, sample, split, tokenize and pack (or reuse the cached result of that)."""
         started = time.perf_counter()
         template = resolve_chat_template(self.tokenizer, self.cfg.chat_template)
-        rows = load_rows(self.cfg, self.seed)
+        rows = load_rows(self.cfg, self.seed, preference=self.preference)
         sampled = sample_rows(rows, self.cfg.sample_size, self.seed)
         self.fingerprint = fingerprint_rows([row.data for row in sampled])
         key = cache_key(
@@ -186,6 +188,7 @@ class DataModule:
             tokenizer=tokenizer_fingerprint(self.tokenizer),
             template=template,
             batch_size=self.batch_size,
+            preference=self.preference,
         )
         entry = load_entry(key) if self.cfg.cache else None
         cache_hit = entry is not None
@@ -254,18 +257,22 @@ class DataModule:
         )
         for (_, origin), result in zip(conversations, results, strict=True):
             if isinstance(result, Drop):
-                if result.reason == OVER_LENGTH and self.cfg.overlength == "error":
-                    raise DataError(
-                        f"{origin}: {result.detail}. Fix: raise data.max_length, or set "
-                        "data.overlength=drop or data.overlength=truncate"
-                    )
-                self.stats.record_drop(result, origin)
+                self.record_drop(result, origin)
                 continue
             self.stats.truncated += result.truncated
             kept.append(result)
         if not kept:
             raise DataError(f"no usable {split} rows: {self._drop_summary()}")
         return kept
+
+    def record_drop(self, drop: Drop, origin: str) -> None:
+        """Count a row the tokenization could not use; over-length under data.overlength=error raises."""
+        if drop.reason == OVER_LENGTH and self.cfg.overlength == "error":
+            raise DataError(
+                f"{origin}: {drop.detail}. Fix: raise data.max_length, or set "
+                "data.overlength=drop or data.overlength=truncate"
+            )
+        self.stats.record_drop(drop, origin)
 
     def _dataset(self, encoded: list[Encoded]) -> Dataset:
         dataset = Dataset.from_dict(

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from qlora_exp.data.formats import Conversation
 from qlora_exp.data.module import DataModule
 from qlora_exp.data.packing import steps_per_epoch
+from qlora_exp.data.preference import build_data_module
 from qlora_exp.data.tokenization import IGNORE_INDEX, Encoded, encode_conversation
 from qlora_exp.model import load_tokenizer
 from qlora_exp.schema import Config
@@ -27,8 +28,7 @@ BAR_WIDTH = 40
 
 def preview_data(cfg: Config, examples: int = 3) -> float:
     """Print the preview; returns NaN, as there is no objective for a sweeper to read."""
-    tokenizer = load_tokenizer(cfg.model)
-    data = DataModule(cfg.data, tokenizer, cfg.seed, batch_size=cfg.trainer.per_device_train_batch_size)
+    data = build_data_module(cfg, load_tokenizer(cfg.model))
     data.setup()
     print(render_preview(data, cfg, examples))  # the CLI's output: examples and a length table
     return math.nan

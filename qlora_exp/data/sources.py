@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from datasets import load_dataset
 from datasets.exceptions import DatasetNotFoundError
 
-from qlora_exp.data.synthetic import generate_synthetic_examples
+from qlora_exp.data.synthetic import generate_synthetic_examples, generate_synthetic_preferences
 from qlora_exp.errors import DataError
 from qlora_exp.schema import DataConfig
 
@@ -38,12 +38,12 @@ class SourceRow:
     origin: str
 
 
-def load_rows(cfg: DataConfig, seed: int) -> list[SourceRow]:
-    """Every row of the configured source, in source order."""
+def load_rows(cfg: DataConfig, seed: int, preference: bool = False) -> list[SourceRow]:
+    """Every row of the configured source, in source order; the synthetic source gives preference
+    pairs (chosen and rejected answers) when `preference` is set."""
     if cfg.source == "synthetic":
-        rows = generate_synthetic_examples(
-            cfg.synthetic_size, seed=seed, zh_fraction=cfg.synthetic_zh_fraction
-        )
+        generate = generate_synthetic_preferences if preference else generate_synthetic_examples
+        rows = generate(cfg.synthetic_size, seed=seed, zh_fraction=cfg.synthetic_zh_fraction)
         return [SourceRow(row, f"synthetic#{i}") for i, row in enumerate(rows)]
     if cfg.source == "hub":
         return load_hub_rows(str(cfg.hub_id), cfg.hub_config, cfg.split, cfg.revision)

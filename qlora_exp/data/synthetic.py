@@ -124,3 +124,23 @@ def generate_synthetic_examples(count: int, seed: int, zh_fraction: float = 0.3)
         rows.append({**row, "task": names[index % len(names)]})
     rng.shuffle(rows)
     return rows
+
+
+def generate_synthetic_preferences(count: int, seed: int, zh_fraction: float = 0.3) -> list[Example]:
+    """`count` preference rows (alpaca prompt, `chosen` = the computed answer, `rejected` = a wrong one):
+    the answer of another example of the same task, so that both answers have the task's form and only
+    the content tells them apart. The same seed gives the same rows."""
+    examples = generate_synthetic_examples(count, seed, zh_fraction)
+    answers: dict[str, list[str]] = {}
+    for example in examples:
+        answers.setdefault(example["task"], []).append(example["output"])
+    rng = random.Random(seed + 2)  # its own stream: the prompts and answers stay those of the SFT set
+    rows = []
+    for example in examples:
+        wrong = [answer for answer in answers[example["task"]] if answer != example["output"]]
+        # A task with a single distinct answer among few rows (e.g. count_letter's "1") has no wrong
+        # answer to borrow; the correct one with a digit appended is still of the task's form.
+        rejected = rng.choice(wrong) if wrong else example["output"] + str(rng.randint(1, 9))
+        prompt = {key: value for key, value in example.items() if key != "output"}
+        rows.append({**prompt, "chosen": example["output"], "rejected": rejected})
+    return rows
