@@ -22,6 +22,7 @@ from qlora_exp.bench.run import compose_model_section
 from qlora_exp.bench.settings import LAYOUTS, Setting, order_settings, parse_setting, standard_settings
 from qlora_exp.cli.bench import main
 from qlora_exp.data.module import IGNORE_INDEX
+from qlora_exp.embedded import EMBEDDED_MODELS, EMBEDDED_PREFIX
 from qlora_exp.errors import ConfigError, ExitCode
 from qlora_exp.model import attach_lora, check_liger, load_tokenizer
 from qlora_exp.precision import cast_unquantized_params
@@ -289,3 +290,14 @@ def test_every_bench_layout_gives_the_loss_of_its_examples_run_separately(
                 assert batch["input_ids"].shape == (4, max_length)
             loss = model(**batch).loss.item()
             assert loss == pytest.approx(separate, rel=1e-5), layout
+
+
+@pytest.mark.parametrize("name", sorted(BENCH_MODELS))
+def test_every_bench_model_is_an_embedded_shape_under_its_preset(name: str) -> None:
+    """`qlora-bench --model NAME` composes NAME's preset around a checkpoint the builder knows."""
+    preset, checkpoint = BENCH_MODELS[name]
+    assert parse_options(["--model", name]).model == name
+    model_cfg, _ = compose_model_section(preset, checkpoint)
+    assert model_cfg.name_or_path == checkpoint
+    assert checkpoint.removeprefix(EMBEDDED_PREFIX) in EMBEDDED_MODELS
+    assert model_cfg.attn_implementation == compose_config(f"model={preset}").model.attn_implementation

@@ -26,6 +26,13 @@ from tests.conftest import REPO, compose_config, run_cli, train_in_process
 MODEL_PRESETS = [
     "tiny",
     "gemma2_9b_it",
+    "gemma3_1b_it",
+    "gemma3_4b_it",
+    "gemma3_12b_it",
+    "gemma3_27b_it",
+    "gemma4_e4b_it",
+    "gemma4_31b_it",
+    "qwen3_8b",
     "llama31_8b_instruct",
     "mistral7b_instruct_v03",
     "qwen25_7b_instruct",
@@ -93,9 +100,12 @@ def test_default_config_is_the_embedded_tiny_model() -> None:
 
 @pytest.mark.parametrize("preset", MODEL_PRESETS)
 def test_model_presets_compose(preset: str) -> None:
-    schema = to_schema(compose_config(f"model={preset}"))
-    assert schema.model.name_or_path
-    if preset.startswith("gemma"):
+    composed = compose_config(f"model={preset}")
+    schema = to_schema(composed)
+    # `--cfg job` prints this composition: the model is named once (the tokenizer reads the same key).
+    assert OmegaConf.to_yaml(composed).count(schema.model.name_or_path) == 1
+    # Gemma-2 soft-caps attention logits, which SDPA drops; Gemma-3 and -4 do not (SDPA is exact).
+    if preset.startswith("gemma2"):
         assert schema.model.attn_implementation != "sdpa"
 
 
@@ -106,6 +116,15 @@ def test_prototype_preset_matches_the_reviewed_experiment() -> None:
     assert schema.data.sample_size == 2000 and schema.seed == 42 and schema.data.max_length == 512
     assert schema.trainer.num_train_epochs == 3 and schema.trainer.per_device_train_batch_size == 1
     assert schema.trainer.learning_rate == 2e-4
+
+
+def test_gemma3_prototype_is_the_reviewed_experiment_on_the_other_model() -> None:
+    gemma3 = OmegaConf.to_container(compose_config("experiment=prototype_gemma3_4b"))
+    gemma2 = OmegaConf.to_container(compose_config("experiment=prototype_gemma2_9b"))
+    assert isinstance(gemma3, dict) and isinstance(gemma2, dict)
+    assert gemma3.pop("model") == OmegaConf.to_container(compose_config("model=gemma3_4b_it").model)
+    gemma2.pop("model")
+    assert gemma3 == gemma2
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,9 @@ from qlora_exp.errors import ConfigError
 # Bench model name -> (conf/model preset whose switches are "the project's defaults", checkpoint).
 BENCH_MODELS = {
     "gemma2_9b": ("gemma2_9b_it", "embedded:gemma2-9b"),
+    "gemma3_4b": ("gemma3_4b_it", "embedded:gemma3-4b"),
+    "gemma4_e4b": ("gemma4_e4b_it", "embedded:gemma4-e4b"),
+    "qwen3_8b": ("qwen3_8b", "embedded:qwen3-8b"),
     "tiny": ("tiny", "embedded:tiny-gemma2"),
 }
 # Dense bf16 peak of an H100/H200 SXM by NVIDIA's datasheet; KINDS.md measured ~790 on this H200.
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         choices=sorted(BENCH_MODELS),
         default=None,
-        help="gemma2_9b (default with a GPU) or tiny (default without)",
+        help="gemma2_9b (default with a GPU), gemma3_4b, gemma4_e4b, qwen3_8b (random-weight checkpoints "
+        "of those shapes, with their presets' switches), or tiny (default without a GPU)",
     )
     parser.add_argument(
         "--data",

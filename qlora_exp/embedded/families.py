@@ -22,6 +22,8 @@ from transformers import (
     Gemma4TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
@@ -34,6 +36,7 @@ from qlora_exp.data.templates import (
     GEMMA4_E_CHAT_TEMPLATE,
     GEMMA_CHAT_TEMPLATE,
     LLAMA31_CHAT_TEMPLATE,
+    MISTRAL_V03_CHAT_TEMPLATE,
     QWEN3_CHAT_TEMPLATE,
 )
 from qlora_exp.embedded.registry import (
@@ -230,6 +233,26 @@ def llama_config(shape: Shape, ids: TokenIds) -> LlamaConfig:
 
 LLAMA3 = Family(LlamaForCausalLM, llama_config, LLAMA3_CHAT)
 
+# Mistral v0.3's tokenizer: no pad token either; [INST] ... [/INST] turns, answers end with </s>.
+MISTRAL_CHAT = ChatConventions(
+    template=MISTRAL_V03_CHAT_TEMPLATE,
+    special_tokens=("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
+    bos="<s>",
+    eos="</s>",
+    unk="<unk>",
+    end_of_turn="</s>",
+)
+
+
+def mistral_config(shape: Shape, ids: TokenIds) -> MistralConfig:
+    """Mistral v0.3: Llama's block with full attention (no sliding window since v0.2)."""
+    return MistralConfig(
+        **{"tie_word_embeddings": False, "sliding_window": None, **text_config_kwargs(shape, ids)}
+    )
+
+
+MISTRAL = Family(MistralForCausalLM, mistral_config, MISTRAL_CHAT)
+
 # The tiny shapes CI trains: 2 layers of width 64 unless a feature needs more.
 _TINY: dict[str, Any] = {
     "hidden_size": 64,
@@ -331,6 +354,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     ),
     "tiny-qwen3": EmbeddedModel(QWEN3, Shape(**_TINY, options={"tie_word_embeddings": True})),
     "tiny-llama": EmbeddedModel(LLAMA3, Shape(**_TINY)),
+    "tiny-mistral": EmbeddedModel(MISTRAL, Shape(**_TINY)),
     # 4 experts of width 32, 2 active per token, in each of the 2 layers.
     "tiny-qwen3-moe": EmbeddedModel(
         QWEN3_MOE,
