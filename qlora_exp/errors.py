@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     RUN_DIR = 6
     OTHER = 7
     SWEEP_JOBS_FAILED = 8  # multirun: some jobs FAILED or did not finish; the others ran
+    SYNC_FAILED = 9  # qlora-sync: some W&B runs did not sync; the others did
     PREEMPTED = 75  # EX_TEMPFAIL: rerun the same command to resume
 
 
@@ -56,6 +57,12 @@ class RunDirectoryError(QloraError):
     """The run directory is in use by another process or cannot be written."""
 
     exit_code = ExitCode.RUN_DIR
+
+
+class SyncError(QloraError):
+    """Some offline W&B runs did not sync (`qlora-sync`); rerunning syncs only those."""
+
+    exit_code = ExitCode.SYNC_FAILED
 
 
 class PreemptedError(QloraError):

@@ -87,6 +87,7 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
                 save_adapter(model, tokenizer, run_dir)
             run_directory.write_json(METRICS, metrics)
             tracker.summarize(metrics)
+            tracker.log_adapter(schema, metrics)
         del trainer, model
         gc.collect()
         run_directory.mark_completed()

@@ -362,6 +362,9 @@ class TrainerConfig:
             )
 
 
+MAX_TAG_LENGTH = 64  # W&B's limit on a run tag
+
+
 @dataclass
 class TrackingConfig:
     """Experiment tracking; W&B offline by default so no account is needed."""
@@ -371,9 +374,12 @@ class TrackingConfig:
     project: str = "qlora-exp"
     entity: str | None = None
     group: str | None = None  # null: in a sweep, the sweep directory's name
-    name: str | None = None  # null: in a sweep, the job's overrides; else the run directory's name
+    name: str | None = None  # null: in a sweep, the job's varying overrides; else the run directory's name
     job_type: str = "train"
     tags: list[str] = field(default_factory=list)
+    # Log adapter/ and tokenizer/ as a W&B artifact of type `model`, with the base model, LoRA
+    # config, data fingerprint, git commit and eval metrics as metadata (qlora_exp/tracking.py).
+    log_adapter: bool = True
 
     def __post_init__(self) -> None:
         _require_choice(self.backend, "tracking.backend", ("wandb", "none"))
@@ -383,9 +389,14 @@ class TrackingConfig:
         for key in ("group", "name"):
             value = getattr(self, key)
             _require(value is None or bool(value), f"tracking.{key}", "is empty", "leave it null (default)")
-        # W&B rejects tags longer than 64 characters when the run syncs, long after training.
-        long_tags = [tag for tag in self.tags if not 0 < len(tag) <= 64]
-        _require(not long_tags, "tracking.tags", f"tags must be 1-64 characters: {long_tags}", "shorten them")
+        # W&B rejects longer tags when the run syncs, long after training.
+        long_tags = [tag for tag in self.tags if not 0 < len(tag) <= MAX_TAG_LENGTH]
+        _require(
+            not long_tags,
+            "tracking.tags",
+            f"tags must be 1-{MAX_TAG_LENGTH} characters: {long_tags}",
+            "shorten them",
+        )
 
 
 METHODS = ("sft", "dpo")

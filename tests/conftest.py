@@ -4,11 +4,13 @@ console scripts (`run_cli`); one finished smoke run shared by every test that on
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -102,3 +104,15 @@ def run_cli(
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+def wandb_records(run_file: Path) -> list[dict[str, Any]]:
+    """The records of an offline W&B run's .wandb file, read with W&B's own inspector."""
+    result = run_cli("wandb", "leet", "inspect", "--json", str(run_file))
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def model_artifacts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `model` artifacts among a run's records (W&B logs each logged table as a `run_table` one)."""
+    return [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == "model"]

@@ -11,16 +11,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from qlora_exp.cli.compare import (
-    compare,
+from qlora_exp.cli.compare import main
+from qlora_exp.comparison.jobs import diff_runs, load_job, param_value, shared_overrides, swept_keys
+from qlora_exp.comparison.table import (
+    build_comparison,
     comparison_table,
     fairness_warnings,
-    load_job,
-    main,
-    param_value,
     seed_summary,
-    swept_keys,
+    write_comparison,
 )
+from qlora_exp.errors import ExitCode
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -98,6 +98,7 @@ def jobs_of(sweep: Path) -> list[Any]:
 
 def test_swept_keys_are_the_overrides_that_differ(grid: Path) -> None:
     assert swept_keys(jobs_of(grid)) == ["lora.r", "trainer.learning_rate"]
+    assert shared_overrides(jobs_of(grid)) == ["experiment=smoke"]
 
 
 def test_param_value_is_typed_from_the_resolved_config(grid: Path) -> None:
@@ -177,7 +178,7 @@ def test_small_token_differences_between_seeds_are_tolerated(tmp_path: Path) -> 
 
 
 def test_compare_writes_csv_markdown_and_plots(grid: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    compare(grid)
+    main([str(grid)])
     out = capsys.readouterr().out
     assert "Best run: experiment=smoke,lora.r=8,trainer.learning_rate=0.0002 (eval_loss=6.1)" in out
     csv = pd.read_csv(grid / "comparison.csv")
@@ -192,7 +193,7 @@ def test_compare_writes_csv_markdown_and_plots(grid: Path, capsys: pytest.Captur
 def test_one_swept_parameter_gives_no_heatmap(tmp_path: Path) -> None:
     for r, loss in ((8, 6.2), (16, 6.1)):
         make_job(tmp_path, {"lora.r": r}, loss)
-    compare(tmp_path)
+    write_comparison(build_comparison(tmp_path))
     assert (tmp_path / "loss_curves.png").is_file()
     assert not list(tmp_path.glob("heatmap_*.png"))
 
@@ -210,3 +211,45 @@ def test_cli_rejects_an_unknown_metric(grid: Path, capsys: pytest.CaptureFixture
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--metric eval_los: no job has it" in err and "eval_loss" in err
+
+
+R8 = "experiment=smoke,lora.r=8,trainer.learning_rate=0.0001"
+R16 = "experiment=smoke,lora.r=16,trainer.learning_rate=0.0001"
+
+
+def test_diff_shows_the_config_keys_that_differ_and_the_metrics(
+    grid: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    diff = diff_runs(grid / R8, grid / R16)
+    assert diff.config.to_dict("records") == [{"key": "lora.r", "A": "8", "B": "16"}]
+    eval_loss = diff.metrics.set_index("metric").loc["eval_loss"]
+    assert (eval_loss["A"], eval_loss["B"]) == (6.5, 6.3)
+    assert eval_loss["B - A"] == pytest.approx(-0.2)
+    main([str(grid), "--diff", R8, R16])  # job names are looked up in the sweep directory
+    out = capsys.readouterr().out
+    assert f"A: {grid / R8} (COMPLETED)" in out and "resolved config keys that differ: 1" in out
+    assert [line.split() for line in out.splitlines() if line.startswith("lora.r")] == [["lora.r", "8", "16"]]
+
+
+def test_diff_with_a_failed_run_shows_its_missing_metrics(grid: Path) -> None:
+    failed = grid / "experiment=smoke,lora.r=16,trainer.learning_rate=0.0002"
+    diff = diff_runs(grid / R16, failed)
+    assert diff.second.status == "FAILED"
+    assert list(diff.config["key"]) == ["trainer.learning_rate"]
+    assert diff.metrics.set_index("metric").loc["eval_loss"].isna().tolist() == [False, True, True]
+
+
+def test_diff_refuses_a_directory_that_is_not_a_run(grid: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--diff", str(grid / R8), str(grid)])  # the sweep directory itself is no run
+    assert exit_info.value.code == ExitCode.RUN_DIR
+    assert "resolved_config.yaml: not a qlora-train run" in caplog.text
+
+
+def test_diff_refuses_the_options_of_a_sweep_comparison(
+    grid: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(grid), "--diff", R8, R16, "--wandb"])
+    assert exit_info.value.code == 2
+    assert "--diff compares two runs" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from qlora_exp.cli.compare import main as compare_main
 from qlora_exp.errors import ExitCode
-from tests.conftest import run_cli
+from tests.conftest import model_artifacts, run_cli, wandb_records
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +37,10 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
 
 
-def wandb_records(job: Path) -> list[dict[str, Any]]:
-    """The records of the job's offline W&B run, read with W&B's own inspector."""
+def job_records(job: Path) -> list[dict[str, Any]]:
+    """The records of the job's offline W&B run."""
     (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
-    result = run_cli("wandb", "leet", "inspect", "--json", str(run_file))
-    assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return wandb_records(run_file)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,16 @@ def test_grid_sweep_runs_four_completed_jobs(
     sweep_dir, result = grid_sweep
     assert result.returncode == 0, output(result)[-3000:]
     jobs = job_dirs(sweep_dir)
+    # named by the keys that vary; the constant overrides are in multirun.yaml
     assert [j.name for j in jobs] == [
-        f"experiment=smoke,lora.r={r},tracking=wandb,trainer.learning_rate={lr},trainer.max_steps=2"
-        for r in (4, 8)
-        for lr in ("0.001", "0.002")
+        f"lora.r={r},trainer.learning_rate={lr}" for r in (4, 8) for lr in ("0.001", "0.002")
+    ]
+    multirun = yaml.safe_load((sweep_dir / "multirun.yaml").read_text())
+    assert multirun["hydra"]["overrides"]["task"] == [*GRID, "tracking=wandb"]
+    assert multirun["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"] == [
+        "experiment",
+        "tracking",
+        "trainer.max_steps",
     ]
     for job in jobs:
         assert (job / "COMPLETED").is_file()
@@ -73,8 +79,9 @@ def test_each_job_is_its_own_offline_wandb_run_in_the_sweep_group(
 ) -> None:
     sweep_dir, _ = grid_sweep
     run_ids, names = set(), set()
+    shared = ["experiment=smoke", "tracking=wandb", "trainer.max_steps=2"]
     for job in job_dirs(sweep_dir):
-        records = wandb_records(job)
+        records = job_records(job)
         (run,) = [r["run"] for r in records if r["type"] == "run"]
         assert run["run_group"] == "rank-lr-smoke"
         assert run["job_type"] == "train"
@@ -82,10 +89,8 @@ def test_each_job_is_its_own_offline_wandb_run_in_the_sweep_group(
         config = run["config"]["update"]
         assert {k: config[k] for k in resolved} == resolved
         assert config["trainable_params"] > 0 and config["lora_scale"] == 32 / resolved["lora"]["r"]
-        lr = resolved["trainer"]["learning_rate"]
-        assert run["display_name"] == (
-            f"lora.r={resolved['lora']['r']},tracking=wandb,trainer.learning_rate={lr:g},trainer.max_steps=2"
-        )
+        assert run["display_name"] == job.name  # what varies: lora.r=...,trainer.learning_rate=...
+        assert run["tags"] == config["sweep"]["shared_overrides"] == shared
         assert run["run_id"] == (job / "wandb_run_id.txt").read_text().strip()
         summary: dict[str, Any] = {}
         for record in records:
@@ -97,6 +102,27 @@ def test_each_job_is_its_own_offline_wandb_run_in_the_sweep_group(
         run_ids.add(run["run_id"])
         names.add(run["display_name"])
     assert len(run_ids) == len(names) == 4
+
+
+def test_each_job_logs_its_adapter_as_a_model_artifact(grid_sweep: Sweep) -> None:
+    sweep_dir, _ = grid_sweep
+    for job in job_dirs(sweep_dir):
+        records = job_records(job)
+        (run,) = [r["run"] for r in records if r["type"] == "run"]
+        (artifact,) = model_artifacts(records)
+        assert (artifact["type"], artifact["name"]) == ("model", f"adapter-{run['run_id']}")
+        logged = {entry["path"] for entry in artifact["manifest"]["contents"]}
+        saved = {str(p.relative_to(job)) for d in ("adapter", "tokenizer") for p in (job / d).rglob("*")}
+        assert logged == saved and "adapter/adapter_model.safetensors" in logged  # nothing else
+        metadata = json.loads(artifact["metadata"])
+        resolved = yaml.safe_load((job / "resolved_config.yaml").read_text())
+        provenance = json.loads((job / "provenance.json").read_text())
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metadata["base_model"] == resolved["model"]["name_or_path"]
+        assert metadata["lora"] == resolved["lora"]
+        assert metadata["data_fingerprint"] == provenance["data_fingerprint"]
+        assert metadata["git_commit"] == provenance["git"]["commit"]
+        assert metadata["metrics"]["eval_loss"] == pytest.approx(metrics["eval_loss"])
 
 
 def test_compare_prints_one_row_per_job_and_writes_files(
@@ -115,6 +141,81 @@ def test_compare_prints_one_row_per_job_and_writes_files(
     assert f"Best run: {best}" in (sweep_dir / "comparison.md").read_text()
     for name in ("loss_curves.png", "heatmap_eval_loss.png"):
         assert (sweep_dir / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_compare_wandb_logs_the_sweep_as_one_comparison_run(grid_sweep: Sweep) -> None:
+    sweep_dir, _ = grid_sweep
+    compare_main([str(sweep_dir), "--wandb"])
+    (run_file,) = sweep_dir.glob("wandb/offline-run-*/run-*.wandb")  # in the sweep directory
+    records = wandb_records(run_file)
+    (run,) = [r["run"] for r in records if r["type"] == "run"]
+    assert (run["job_type"], run["run_group"], run["display_name"]) == (
+        "comparison",
+        "rank-lr-smoke",
+        "comparison",
+    )
+    best = pd.read_csv(sweep_dir / "comparison.csv").iloc[0]
+    config = run["config"]["update"]
+    assert config["best_run"] == best["job"]
+    assert config["best_config"] == yaml.safe_load(
+        (sweep_dir / best["job"] / "resolved_config.yaml").read_text()
+    )
+    assert config["sweep"]["swept_keys"] == ["lora.r", "trainer.learning_rate"]
+    summary: dict[str, Any] = {}
+    for record in records:
+        if record["type"] == "summary":
+            summary.update(record["summary"]["update"])
+    assert summary["comparison._type"] == "table-file" and summary["comparison.nrows"] == 4
+    assert summary["loss_curves._type"] == summary["heatmap_eval_loss._type"] == "image-file"
+    assert summary["best_run"] == best["job"] and summary["best_eval_loss"] == pytest.approx(
+        best["eval_loss"]
+    )
+
+    compare_main([str(sweep_dir), "--wandb"])  # a rerun continues the same W&B run
+    rerun_ids = {wandb_run_id(f) for f in sweep_dir.glob("wandb/offline-run-*/run-*.wandb")}
+    assert rerun_ids == {run["run_id"]} and len(list(sweep_dir.glob("wandb/offline-run-*"))) == 2
+
+
+def wandb_run_id(run_file: Path) -> str:
+    return run_file.name.removeprefix("run-").removesuffix(".wandb")
+
+
+def test_diff_names_the_rank_between_two_jobs(grid_sweep: Sweep, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep_dir, _ = grid_sweep
+    compare_main(
+        [
+            str(sweep_dir),
+            "--diff",
+            "lora.r=4,trainer.learning_rate=0.001",
+            "lora.r=8,trainer.learning_rate=0.001",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "resolved config keys that differ: 1" in out
+    assert [line.split() for line in out.splitlines() if line.startswith("lora.r")] == [["lora.r", "4", "8"]]
+
+
+def test_sync_dry_run_lists_every_offline_run_once(grid_sweep: Sweep) -> None:
+    sweep_dir, _ = grid_sweep
+    result = run_cli("qlora-sync", str(sweep_dir), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line) for line in result.stdout.splitlines()]
+    assert all(command[1] == "sync" and Path(command[0]).name == "wandb" for command in commands)
+    listed = [{wandb_run_id(next(Path(f).glob("run-*.wandb"))) for f in command[2:]} for command in commands]
+    expected = [(job / "wandb_run_id.txt").read_text().strip() for job in job_dirs(sweep_dir)]
+    if (sweep_dir / "wandb_run_id.txt").is_file():  # the comparison run, when the test above ran
+        expected.append((sweep_dir / "wandb_run_id.txt").read_text().strip())
+    assert sorted(run_id for ids in listed for run_id in ids) == sorted(expected)
+    assert all(len(ids) == 1 for ids in listed)  # one command per run, all its folders in it
+
+
+def test_a_rerun_with_other_constant_overrides_is_refused(grid_sweep: Sweep) -> None:
+    sweep_dir, _ = grid_sweep
+    before = {j: (j / "metrics.json").stat().st_mtime_ns for j in job_dirs(sweep_dir)}
+    result = sweep(sweep_dir, *GRID, "tracking=wandb", "seed=7")
+    assert result.returncode == ExitCode.CONFIG, output(result)[-3000:]
+    assert "other constant overrides (seed: <absent> -> seed=7)" in output(result)
+    assert {j: (j / "metrics.json").stat().st_mtime_ns for j in job_dirs(sweep_dir)} == before
 
 
 def test_rerunning_a_finished_sweep_trains_nothing(
@@ -137,8 +238,8 @@ def test_a_failing_job_does_not_stop_the_sweep_and_a_rerun_retries_only_it(tmp_p
     sweep_dir = tmp_path / "poisoned"
     result = sweep(sweep_dir, *poisoned)
     assert result.returncode == ExitCode.SWEEP_JOBS_FAILED, output(result)[-3000:]
-    good = sweep_dir / "data.max_length=256,experiment=smoke,trainer.max_steps=1"
-    bad = sweep_dir / "data.max_length=16,experiment=smoke,trainer.max_steps=1"
+    good = sweep_dir / "data.max_length=256"
+    bad = sweep_dir / "data.max_length=16"
     assert (good / "COMPLETED").is_file()
     assert "DataError" in (bad / "FAILED").read_text() and "data.max_length" in (bad / "FAILED").read_text()
     assert "2 jobs, 1 COMPLETED, 1 not" in output(result)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -11,21 +10,28 @@ from typing import Any
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qlora_exp.errors import ConfigError, DataError, ExitCode
 from qlora_exp.run.context import RunContext
-from qlora_exp.run.directory import ABSENT, config_diff
+from qlora_exp.run.directory import ABSENT, REDACTED, config_diff
+from qlora_exp.run.redaction import redact_yaml_file
 from qlora_exp.run.sweep import (
     MAX_DIRNAME,
+    MULTIRUN_FILE,
+    JobNames,
     SweepSummary,
     end_failed_job,
     find_job_dirs,
     finished_objective,
     job_dirname,
     job_state,
+    split_job_overrides,
 )
-from qlora_exp.schema import TrackingConfig
+from qlora_exp.schema import CONF_DIR, TrackingConfig
 
 RESOLVED: dict[str, Any] = {"seed": 42, "lora": {"r": 8, "alpha": 32}, "trainer": {"learning_rate": 2e-4}}
 
@@ -62,6 +68,130 @@ def test_long_job_dirnames_are_shortened_but_stay_distinct() -> None:
     assert first != second
 
 
+def job_overrides(hydra: DictConfig) -> tuple[list[str], list[str]]:
+    """A job's (varying, shared) overrides, split as qlora-train's entry point splits them."""
+    return split_job_overrides(
+        list(hydra.overrides.task), set(hydra.job.config.override_dirname.exclude_keys)
+    )
+
+
+class Multirun:
+    """A sweep as `qlora-train -m OVERRIDES` composes it, with the JobNames callback applied, and its
+    jobs' configs as a launcher composes them (Hydra's own config loader, no process, no training)."""
+
+    def __init__(self, sweep_dir: Path, *overrides: str) -> None:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            self.loader = GlobalHydra.instance().config_loader()
+            self.config = self.loader.load_configuration(
+                "config", [*overrides, f"hydra.sweep.dir={sweep_dir}"], run_mode=RunMode.MULTIRUN
+            )
+        JobNames().on_multirun_start(self.config)
+
+    def job(self, *overrides: str, num: int = 0) -> DictConfig:
+        job = self.loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(job.hydra.job):
+            job.hydra.job.num = num  # a launcher numbers its jobs
+        return job
+
+    def job_name(self, *overrides: str) -> str:
+        """The job's directory name: hydra.sweep.subdir as conf/config.yaml resolves it."""
+        return str(OmegaConf.select(self.job(*overrides), "hydra.sweep.subdir"))
+
+    def save(self) -> None:
+        """What Hydra's sweeper does next: record the sweep's config in multirun.yaml."""
+        OmegaConf.save(self.config, Path(self.config.hydra.sweep.dir) / MULTIRUN_FILE)
+
+
+def test_jobs_are_named_by_the_keys_that_vary(tmp_path: Path) -> None:
+    sweep = Multirun(tmp_path, "experiment=smoke", "data=local", "data.path=/data/x.json", "lora.r=4,8")
+    # the basic sweeper gives each job every override, constant ones included
+    job = ("experiment=smoke", "data=local", "data.path=/data/x.json", "lora.r=4")
+    assert sweep.job_name(*job) == "lora.r=4"
+    hydra = sweep.job(*job).hydra
+    varying, shared = job_overrides(hydra)
+    run = RunContext(tmp_path / "lora.r=4", tmp_path, tuple(varying), tuple(shared))
+    assert run.tracking_group_and_name() == (tmp_path.name, "lora.r=4")
+    assert run.tracking_config()["sweep"]["shared_overrides"] == [
+        "data.path=/data/x.json",
+        "data=local",
+        "experiment=smoke",
+    ]
+    assert run.tracking_tags() == ["data.path=/data/x.json", "data=local", "experiment=smoke"]
+    # multirun.yaml records which keys were left out of the names
+    assert list(sweep.config.hydra.job.config.override_dirname.exclude_keys) == [
+        "data",
+        "data.path",
+        "experiment",
+    ]
+
+
+def test_a_preset_sweep_replaced_on_the_command_line_is_constant(tmp_path: Path) -> None:
+    # rank_lr_grid sweeps lora.r and trainer.learning_rate; the command line fixes the learning rate
+    sweep = Multirun(tmp_path, "experiment=rank_lr_grid", "trainer.learning_rate=1e-3")
+    assert sweep.job_name("lora.r=8", "trainer.learning_rate=0.001", "experiment=rank_lr_grid") == "lora.r=8"
+
+
+def test_optuna_trials_are_named_by_their_parameters(tmp_path: Path) -> None:
+    sweep = Multirun(tmp_path, "experiment=rank_lr_optuna", "trainer.max_steps=1")
+    # the Optuna sweeper gives each trial its parameters, then the fixed overrides
+    trial = (
+        "lora.r=16",
+        "trainer.learning_rate=0.000123",
+        "experiment=rank_lr_optuna",
+        "trainer.max_steps=1",
+    )
+    assert sweep.job_name(*trial) == "lora.r=16,trainer.learning_rate=0.000123"
+
+
+def test_a_sweep_without_varying_keys_names_its_job_by_number(tmp_path: Path) -> None:
+    sweep = Multirun(tmp_path, "experiment=smoke", "lora.r=4")
+    assert sweep.job_name("experiment=smoke", "lora.r=4") == "job_0"
+
+
+def refused(sweep_dir: Path, *overrides: str, caplog: pytest.LogCaptureFixture) -> str:
+    """The error a sweep command ends with (exit 1) before any job runs."""
+    caplog.clear()
+    with pytest.raises(SystemExit) as exit_info:
+        Multirun(sweep_dir, *overrides)
+    assert exit_info.value.code == ExitCode.CONFIG
+    return caplog.text
+
+
+def test_a_rerun_with_other_constant_overrides_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = Multirun(tmp_path, "experiment=smoke", "trainer.learning_rate=1e-3", "lora.r=4,8")
+    first.save()
+    Multirun(tmp_path, "lora.r=4,8", "trainer.learning_rate=0.001", "experiment=smoke")  # same sweep: fine
+    Multirun(tmp_path, "experiment=smoke", "trainer.learning_rate=1e-3", "lora.r=4,8,16")  # more values: fine
+    error = refused(
+        tmp_path,
+        "experiment=smoke",
+        "trainer.learning_rate=1e-3",
+        "trainer.max_steps=2",
+        "lora.r=4,8",
+        caplog=caplog,
+    )
+    assert f"{ABSENT} -> trainer.max_steps=2" in error and "new hydra.sweep.dir" in error
+    error = refused(tmp_path, "experiment=smoke", "trainer.learning_rate=2e-3", "lora.r=4,8", caplog=caplog)
+    assert "trainer.learning_rate=0.001 -> trainer.learning_rate=0.002" in error
+    error = refused(tmp_path, "experiment=smoke", "trainer.learning_rate=1e-3", "lora.r=4", caplog=caplog)
+    assert f"lora.r: {ABSENT} -> lora.r=4" in error  # one job of the sweep alone
+
+
+def test_secret_constant_overrides_stay_out_of_names_and_tags_and_reruns_match(tmp_path: Path) -> None:
+    secret = "+hub_token=hf_secret_value_123"
+    first = Multirun(tmp_path, "experiment=smoke", secret, "lora.r=4,8")
+    first.save()
+    redact_yaml_file(tmp_path / MULTIRUN_FILE, {"hf_secret_value_123"})  # as RedactSecrets does
+    assert "hf_secret_value_123" not in (tmp_path / MULTIRUN_FILE).read_text()
+    rerun = Multirun(tmp_path, "experiment=smoke", secret, "lora.r=4,8")  # not refused
+    hydra = rerun.job("experiment=smoke", secret, "lora.r=4").hydra
+    varying, shared = job_overrides(hydra)
+    assert varying == ["lora.r=4"]
+    assert shared == ["+hub_token=" + REDACTED, "experiment=smoke"]
+
+
 def test_config_diff_names_nested_differences() -> None:
     changed = {**RESOLVED, "lora": {"r": 16, "alpha": 32}, "extra": 1}
     assert config_diff(RESOLVED, changed) == {"extra": (ABSENT, 1), "lora.r": (RESOLVED["lora"]["r"], 16)}
@@ -77,11 +207,13 @@ def test_completed_job_with_same_config_is_skipped(tmp_path: Path) -> None:
     assert finished_objective(sweep_job(run), RESOLVED) == 6.25
 
 
-def test_completed_job_with_changed_config_reruns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_completed_job_with_changed_config_is_refused_and_kept(tmp_path: Path) -> None:
     run = finished_run(tmp_path / "job", RESOLVED)
-    with caplog.at_level(logging.WARNING):
-        assert finished_objective(sweep_job(run), {**RESOLVED, "seed": 7}) is None
-    assert "resolved config changed at seed" in caplog.text
+    with pytest.raises(ConfigError, match=r"COMPLETED job with another resolved config.*seed") as refused:
+        finished_objective(sweep_job(run), {**RESOLVED, "seed": 7})
+    failure = end_failed_job(ExitCode.CONFIG, refused.value, sweep_job(run))
+    assert failure.exit_code == ExitCode.CONFIG
+    assert (run / "COMPLETED").is_file() and not (run / "FAILED").exists()  # its results stand
 
 
 def test_failed_job_reruns(tmp_path: Path) -> None:

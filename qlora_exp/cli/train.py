@@ -17,7 +17,7 @@ from qlora_exp.experiment import run_job
 from qlora_exp.run.context import RunContext
 from qlora_exp.run.distributed import run_stamp
 from qlora_exp.run.resume import register_resolvers
-from qlora_exp.run.sweep import JobFailure, register_sweep_configs
+from qlora_exp.run.sweep import JobFailure, register_sweep_configs, split_job_overrides
 from qlora_exp.schema import CONF_DIR, register_configs
 
 register_sweep_configs()
@@ -27,12 +27,15 @@ register_resolvers()
 
 
 def hydra_run_context() -> RunContext:
-    """The run's directory and, in a multirun, its sweep directory and overrides, from Hydra."""
+    """The run's directory and, in a multirun, its sweep directory and overrides (split into those
+    that name the job and those the `JobNames` callback found constant across the sweep), from Hydra."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return RunContext(run_dir)
-    return RunContext(run_dir, Path(hydra_cfg.sweep.dir), tuple(hydra_cfg.overrides.task))
+    constant_keys = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    varying, shared = split_job_overrides(list(hydra_cfg.overrides.task), constant_keys)
+    return RunContext(run_dir, Path(hydra_cfg.sweep.dir), tuple(varying), tuple(shared))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
