@@ -24,7 +24,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from qlora_exp.embedded import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
-from qlora_exp.moe.loading import fused_experts_loading, router_loss_kwargs
+from qlora_exp.moe.experts import liger_kernel_config
+from qlora_exp.moe.loading import experts_out_of_upcast, fused_experts_loading
 from qlora_exp.moe.lora import count_trainable_by_kind, target_lora
 from qlora_exp.multimodal import exclude_non_text, loading_plan
 from qlora_exp.precision import DTYPES, resolve_compute_dtype, set_unquantized_precision
@@ -187,10 +188,8 @@ def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
     model_class, skips = loading_plan(source, cfg.revision, cfg.trust_remote_code)
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code=true: executing code shipped with %s", source)
-    hf_config = AutoConfig.from_pretrained(
-        source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
-    # Fused MoE experts: refused, quantized or left as configured while loading (qlora_exp/moe/).
+    # Fused MoE experts refused, quantized or left as configured, and the router loss set, while
+    # loading (qlora_exp/moe/).
     with fused_experts_loading(cfg):
         model = model_class.from_pretrained(
             source,
@@ -200,7 +199,6 @@ def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
             device_map=_device_map(),
-            **router_loss_kwargs(cfg, hf_config),
         )
     disable_cpu_weight_repacking(model)
     return model
@@ -218,7 +216,7 @@ def check_liger(cfg: ModelConfig) -> None:
 def apply_speed_kernels(model: PreTrainedModel, cfg: ModelConfig) -> None:
     """Patch Liger's kernels into the loaded model when configured (transformers' own helper)."""
     if cfg.use_liger_kernel:
-        apply_liger_kernel(model, None)
+        apply_liger_kernel(model, liger_kernel_config(model))
 
 
 # Non-reentrant checkpointing: the reentrant kind passes no gradient to LoRA weights whose inputs
@@ -231,11 +229,12 @@ def load_trainable_base(model_cfg: ModelConfig) -> PreTrainedModel:
     check_liger(model_cfg)
     base = load_quantized_base(model_cfg)
     apply_speed_kernels(base, model_cfg)
-    base = peft.prepare_model_for_kbit_training(
-        base,
-        use_gradient_checkpointing=model_cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs=dict(GRADIENT_CHECKPOINTING_KWARGS),
-    )
+    with experts_out_of_upcast(base):  # unquantized experts stay in the compute dtype (qlora_exp/moe/)
+        base = peft.prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=dict(GRADIENT_CHECKPOINTING_KWARGS),
+        )
     set_unquantized_precision(
         base,
         upcast=model_cfg.upcast_unquantized_params,

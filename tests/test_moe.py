@@ -7,12 +7,18 @@ from pathlib import Path
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+    Gemma4TextConfig,
+    GptOssConfig,
+    GptOssForCausalLM,
     Llama4ForCausalLM,
     Llama4TextConfig,
     PreTrainedModel,
@@ -23,7 +29,13 @@ from qlora_exp.embedded import resolve_embedded
 from qlora_exp.errors import ConfigError
 from qlora_exp.generation import generate_replies
 from qlora_exp.model import attach_lora, build_lora_config, load_quantized_base, load_trainable_base
-from qlora_exp.moe.experts import GroupedExperts, dequantize_experts, expert_weight_names, grouped_mm
+from qlora_exp.moe.experts import (
+    GroupedExperts,
+    dequantize_experts,
+    expert_weight_names,
+    grouped_mm,
+    liger_kernel_config,
+)
 from qlora_exp.moe.loading import find_fused_experts
 from qlora_exp.moe.lora import count_trainable_by_kind, target_lora
 from qlora_exp.run.finished import FinishedRun
@@ -80,30 +92,115 @@ def test_grouped_matmul_equals_one_matmul_per_expert_on_both_paths() -> None:
         torch.testing.assert_close(grouped_mm(x, weight, offsets), expected)
 
 
-def test_4bit_experts_give_the_logits_of_their_dequantized_weights(embedded_cache: Path) -> None:
-    model = load_quantized_base(moe_config())
-    experts = experts_modules(model)
-    assert len(experts) == 2
-    for module in experts:  # every expert weight is 4-bit, the router is not
+def tiny_gemma4_moe() -> PreTrainedModel:
+    """Gemma-4 26B-A4B-style: the multimodal class (a tiny vision tower beside the decoder), a dense
+    MLP and experts in every layer, the router a `router.proj` Linear."""
+    text = Gemma4TextConfig(
+        vocab_size=128,
+        vocab_size_per_layer_input=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        hidden_size_per_layer_input=0,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+        attention_k_eq_v=True,
+        num_global_key_value_heads=1,
+        enable_moe_block=True,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=32,
+    )
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    }
+    return Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=vision))
+
+
+def tiny_gpt_oss() -> PreTrainedModel:
+    """GPT-OSS: experts stored transposed, with biases, gate and up interleaved, clamped gating."""
+    config = GptOssConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    model = GptOssForCausalLM(config)
+    for name, param in model.named_parameters():
+        if name.endswith("_bias"):  # transformers initialises them to zero: make them count
+            nn.init.normal_(param, std=0.1)
+    return model
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "gemma4_mm", "gpt_oss"])
+def moe_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MoE checkpoint of each fused-experts layout: Qwen3-MoE (the embedded one), Gemma-4
+    (multimodal, as 26B-A4B ships), GPT-OSS."""
+    if request.param == "qwen3_moe":
+        return resolve_embedded(TINY_MOE)
+    path = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    (tiny_gemma4_moe() if request.param == "gemma4_mm" else tiny_gpt_oss()).save_pretrained(path)
+    return path
+
+
+def test_4bit_experts_give_the_logits_of_their_dequantized_weights(moe_checkpoint: Path) -> None:
+    model = load_quantized_base(ModelConfig(name_or_path=str(moe_checkpoint)))
+    layout = find_fused_experts(model)
+    assert len(layout.supported) == 2 and not layout.unsupported
+    for module in layout.supported.values():  # every expert weight is 4-bit
         for name in expert_weight_names(module):
             weight = getattr(module, name)
             assert isinstance(weight, bnb.nn.Params4bit) and weight.dtype == torch.uint8
-            assert weight.quant_state.shape == (4, *weight.quant_state.shape[1:])
-    routers = [m.gate for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
-    assert routers and all(r.weight.dtype == torch.float32 for r in routers)
+            assert weight.quant_state.shape[0] == 4
+    # The routers stay out of 4 bits (Gemma-4's is a Linear, which bitsandbytes would convert).
+    routers = [m for n, m in model.named_modules() if n.endswith((".gate", ".router", ".router.proj"))]
+    assert routers and not any(isinstance(m, bnb.nn.Linear4bit) for m in routers)
     torch.manual_seed(0)
-    prefill = torch.randint(0, 1000, (2, 24))  # 96 token-expert pairs: the grouped path
+    prefill = torch.randint(0, 128, (2, 24))  # 96 token-expert pairs: the grouped path
     decode = prefill[:1, :1]  # 2 pairs, fewer than the 4 experts: each pair's expert alone
     with torch.no_grad():
         ours = [model(input_ids=ids).logits for ids in (prefill, decode)]
         to_dequantized_reference(model)
         reference = [model(input_ids=ids).logits for ids in (prefill, decode)]
-        original = AutoModelForCausalLM.from_pretrained(resolve_embedded(TINY_MOE))(input_ids=prefill).logits
+        original = AutoModelForCausalLM.from_pretrained(moe_checkpoint)(input_ids=prefill).logits
     for got, expected in zip(ours, reference, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # The 4-bit model differs from the unquantized checkpoint by far more: the experts really are 4-bit
     # (its attention too, so the difference is not the experts' alone).
     assert (ours[0] - original).abs().max() > 1e-3
+
+
+ROUTER_NAMES = (".gate", ".router", ".router.proj")  # Qwen3-MoE, GPT-OSS, Gemma-4
+
+
+def test_default_lora_trains_experts_and_attention_never_the_router(moe_checkpoint: Path) -> None:
+    model = attach_lora(load_trainable_base(ModelConfig(name_or_path=str(moe_checkpoint))), LoraConfig())
+    counts = count_trainable_by_kind(model)
+    assert counts["experts"] > 0 and counts["attention"] > 0
+    routers = [m for n, m in model.named_modules() if n.endswith(ROUTER_NAMES)]
+    assert routers and not any("lora_" in n for m in routers for n, _ in m.named_parameters())
+    assert not any("lora_" in n for n, _ in model.named_parameters() if "vision_tower" in n)
+    ids = torch.randint(0, 128, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    expert_b = [p for n, p in model.named_parameters() if ".experts." in n and "lora_B" in n]
+    assert expert_b and all(p.grad is not None and p.grad.abs().max() > 0 for p in expert_b)
 
 
 def test_expert_lora_matches_peft_param_wrapper_on_dequantized_experts(embedded_cache: Path) -> None:
@@ -137,6 +234,8 @@ def test_expert_lora_matches_peft_param_wrapper_on_dequantized_experts(embedded_
 
 def test_target_presets_and_trainable_counts_per_kind(embedded_cache: Path) -> None:
     base = load_trainable_base(moe_config())
+    # Liger's fused-MoE patch would replace the 4-bit experts' forward: it stays off for them.
+    assert liger_kernel_config(base) == {"swiglu": False}
     targets = {}
     for entry in ("attention", "experts", "attention+experts", "all-linear", "all"):
         config = build_lora_config(LoraConfig(target_modules=[entry]))
@@ -185,6 +284,29 @@ def test_unquantized_experts_opt_in_keeps_the_checkpoint_weights(embedded_cache:
             module.__class__ = module.source_cls
         model.set_experts_implementation("eager")
         torch.testing.assert_close(ours, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unquantized_experts_sit_out_pefts_fp32_upcast(
+    embedded_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = moe_config(
+        quantize_experts=False, upcast_unquantized_params=False, bnb_4bit_compute_dtype="bfloat16"
+    )
+    prepare = peft.prepare_model_for_kbit_training
+    seen: list[list[torch.dtype]] = []  # the 3-D weights peft's preparation saw, per call
+
+    def spy(model: PreTrainedModel, **kwargs: object) -> PreTrainedModel:
+        prepared = prepare(model, **kwargs)
+        seen.append([p.dtype for p in model.parameters() if p.ndim == 3])
+        return prepared
+
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", spy)
+    base = load_trainable_base(cfg)
+    assert seen == [[]]  # peft's cast to fp32 never saw them
+    experts = experts_modules(base)
+    assert all(m.gate_up_proj.dtype == torch.bfloat16 and not m.gate_up_proj.requires_grad for m in experts)
+    # Without that, peft would hold all of them in fp32 until precision.py casts them back.
+    assert prepare(load_quantized_base(cfg)).model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
 
 
 def tiny_llama4(path: Path) -> Path:
@@ -251,7 +373,15 @@ def test_tiny_qwen3_moe_trains_generates_and_merges_with_defaults(
     tmp_path: Path, embedded_cache: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    eval_loss = train_in_process(run_dir, *TINY_RUN, f"model.name_or_path={TINY_MOE}")
+    eval_loss = train_in_process(
+        run_dir,
+        *TINY_RUN,
+        f"model.name_or_path={TINY_MOE}",
+        "trainer.max_steps=3",
+        "trainer.save_steps=100",  # no checkpoint: resuming is tested on the default model
+        "eval.num_samples=2",
+        "eval.max_new_tokens=4",
+    )
     assert isinstance(eval_loss, float)
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     expert_keys = [k for k in adapter if ".experts." in k and "lora_" in k]
@@ -278,4 +408,5 @@ def test_tiny_qwen3_moe_trains_generates_and_merges_with_defaults(
         base_logits = base(input_ids=ids).logits.float()
     # bf16 rounding of W + B A against W x + B (A x): a few bf16 ulps; the adapter moves far more.
     merge_error = (merged_logits - with_adapter).abs().max()
-    assert merge_error < 0.02 and (merged_logits - base_logits).abs().max() > 5 * merge_error
+    effect = (merged_logits - base_logits).abs().max()
+    assert merge_error < 0.02 and effect > 5 * merge_error

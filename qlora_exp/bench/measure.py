@@ -32,6 +32,7 @@ from qlora_exp.bench.recorder import StepRecorder
 from qlora_exp.bench.settings import Setting
 from qlora_exp.data.packing import FlatteningCollator, build_collator
 from qlora_exp.model import attach_lora, load_trainable_base
+from qlora_exp.moe.experts import liger_kernel_config
 from qlora_exp.precision import resolve_compute_dtype, set_unquantized_precision
 from qlora_exp.schema import LoraConfig, ModelConfig, TrainerConfig
 from qlora_exp.training import build_training_arguments, peak_memory
@@ -161,7 +162,7 @@ def prepare_base(base: PreTrainedModel, setting: Setting, compute_dtype: str) ->
         compute_dtype=resolve_compute_dtype(compute_dtype),
     )
     if setting.use_liger_kernel:
-        apply_liger_kernel(base, None)
+        apply_liger_kernel(base, liger_kernel_config(base))
     return hooks
 
 

@@ -293,6 +293,16 @@ class GroupedExperts(nn.Module):
         return per_token.to(hidden_states.dtype)
 
 
+def liger_kernel_config(model: nn.Module) -> dict[str, Any] | None:
+    """Keyword arguments for Liger's patching of `model` (transformers' `apply_liger_kernel`).
+
+    On transformers 5, Liger's SwiGLU patch binds its own fused-MoE forward (LigerExperts) onto the
+    experts modules, which would read the 4-bit weights as 16-bit ones and bypass the forward here:
+    it is switched off where the model has grouped experts; the other kernels apply as usual.
+    """
+    return {"swiglu": False} if any(isinstance(m, GroupedExperts) for m in model.modules()) else None
+
+
 _GROUPED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 
 

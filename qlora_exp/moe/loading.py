@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
@@ -63,18 +63,39 @@ class ExpertsLayout:
         return {**self.supported, **self.unsupported}
 
 
+# Where configs give the number of experts per MoE layer.
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _expert_count(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config(decoder=True) if config is not None else None
+    counts = [getattr(text_config, key, None) for key in _EXPERT_COUNT_KEYS]
+    return next((count for count in counts if isinstance(count, int) and count > 1), None)
+
+
+def _holds_fused_experts(module: nn.Module, expert_count: int | None) -> bool:
+    """A module with a 3-D weight stacked over the experts (an experts class, or the model's expert
+    count as first dimension): other 3-D weights (a vision tower's position table) are not experts."""
+    stacked = [
+        logical_shape(p)
+        for p in module.parameters(recurse=False)
+        if p.is_floating_point() and len(logical_shape(p)) == 3
+    ]
+    return bool(stacked) and (
+        "Expert" in type(module).__name__ or any(shape[0] == expert_count for shape in stacked)
+    )
+
+
 def find_fused_experts(model: nn.Module) -> ExpertsLayout:
-    """Experts modules following transformers' fused-experts interface, and other modules holding
-    3-D weights (another fused-experts layout: convolutions aside, nothing else has them)."""
+    """Experts modules following transformers' fused-experts interface, and experts stored fused in
+    another layout (which the project cannot quantize)."""
     layout = ExpertsLayout(type(model).__name__)
+    expert_count = _expert_count(model)
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            continue
         if implements_experts_interface(module):
             layout.supported[name] = module
-        elif any(
-            len(logical_shape(p)) == 3 and p.is_floating_point() for p in module.parameters(recurse=False)
-        ):
+        elif _holds_fused_experts(module, expert_count):
             layout.unsupported[name] = module
     return layout
 
@@ -128,6 +149,7 @@ class FusedExpertsQuantizer(Bnb4BitHfQuantizer):
         config = self.quantization_config
         layout = find_fused_experts(model)
         check_experts(layout, self.model_cfg)
+        configure_router_loss(model, self.model_cfg)
         routers = router_names(layout, model)
         if routers:
             # An explicit skip list replaces transformers' default one (the LM head): keep both.
@@ -173,6 +195,31 @@ def log_experts(layout: ExpertsLayout, cfg: ModelConfig) -> None:
 
 
 @contextmanager
+def experts_out_of_upcast(model: nn.Module) -> Iterator[None]:
+    """Within, unquantized fused expert weights are not among `model.parameters()`, then return frozen.
+
+    peft's `prepare_model_for_kbit_training` casts every 16-bit parameter to fp32 (precision.py then
+    casts them back to the compute dtype when model.upcast_unquantized_params=false): unquantized
+    experts (model.quantize_experts=false) would first take 4 bytes per parameter, 116 GB for
+    Qwen3-30B-A3B. They sit that cast out; frozen weights gain nothing from fp32.
+    """
+    held = [
+        (module, name, param)
+        for module in find_fused_experts(model).all.values()
+        for name, param in module.named_parameters(recurse=False)
+        if len(param.shape) == 3 and not is_quantized(param)
+    ]
+    for module, name, _ in held:
+        del module._parameters[name]
+    try:
+        yield
+    finally:
+        for module, name, param in held:
+            param.requires_grad_(False)
+            module._parameters[name] = param
+
+
+@contextmanager
 def fused_experts_loading(cfg: ModelConfig) -> Iterator[None]:
     """Within: `from_pretrained` with a BitsAndBytesConfig(load_in_4bit=True) uses FusedExpertsQuantizer."""
     quantizer = type("FusedExpertsQuantizer", (FusedExpertsQuantizer,), {"model_cfg": cfg})
@@ -184,28 +231,32 @@ def fused_experts_loading(cfg: ModelConfig) -> Iterator[None]:
         AUTO_QUANTIZER_MAPPING[_BNB_4BIT] = previous
 
 
-def router_loss_kwargs(cfg: ModelConfig, hf_config: PretrainedConfig) -> dict[str, Any]:
-    """Config overrides for `from_pretrained` that switch the router's load-balancing loss on.
+def configure_router_loss(model: PreTrainedModel, cfg: ModelConfig) -> None:
+    """Switch the router's load-balancing loss on or off as configured, before weights load.
 
-    transformers adds `router_aux_loss_coef x aux_loss` to the loss when `output_router_logits`
-    is set; the model's own coefficient unless model.router_aux_loss_coef is given.
+    transformers adds `router_aux_loss_coef x aux_loss` to the loss when the text config's
+    `output_router_logits` is set (the model's own coefficient unless model.router_aux_loss_coef is
+    given); causal-LM classes copy the coefficient at construction, so it is set on them too.
     """
-    has_router_loss = hasattr(hf_config, "output_router_logits")
+    text_config = model.config.get_text_config(decoder=True)
+    if not hasattr(text_config, "output_router_logits"):
+        if cfg.router_aux_loss:
+            raise ConfigError(
+                f"model.router_aux_loss: {type(model).__name__} has no router load-balancing loss "
+                "(its config has no output_router_logits). Fix: drop model.router_aux_loss for this model"
+            )
+        return
+    text_config.output_router_logits = cfg.router_aux_loss
     if not cfg.router_aux_loss:
-        if has_router_loss:
-            log.info("MoE: router load-balancing loss off (model.router_aux_loss=false)")
-        return {}
-    if not has_router_loss:
-        raise ConfigError(
-            f"model.router_aux_loss: {type(hf_config).__name__} has no router load-balancing loss "
-            "(no output_router_logits). Fix: drop model.router_aux_loss for this model"
-        )
-    kwargs: dict[str, Any] = {"output_router_logits": True}
+        log.info("MoE: router load-balancing loss off (model.router_aux_loss=false)")
+        return
     if cfg.router_aux_loss_coef is not None:
-        kwargs["router_aux_loss_coef"] = cfg.router_aux_loss_coef
-    coef = kwargs.get("router_aux_loss_coef", getattr(hf_config, "router_aux_loss_coef", None))
+        text_config.router_aux_loss_coef = cfg.router_aux_loss_coef
+        for module in model.modules():
+            if hasattr(module, "router_aux_loss_coef"):
+                # an attribute the causal-LM class sets in __init__ (nn.Module's typing knows no such)
+                setattr(module, "router_aux_loss_coef", cfg.router_aux_loss_coef)  # noqa: B010
     log.info(
         "MoE: router load-balancing loss on, coefficient %s: added to the training loss and to eval_loss",
-        coef,
+        text_config.router_aux_loss_coef,
     )
-    return kwargs

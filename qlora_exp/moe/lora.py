@@ -133,11 +133,9 @@ def expert_parameters(layout: ExpertsLayout) -> list[str]:
     return sorted(names)
 
 
-def linear_names(
-    model: nn.Module, within: str | None = None, exclude: frozenset[str] = frozenset()
-) -> set[str]:
-    """Names of the linear layers (inside modules whose class name ends with `within`, e.g. Attention),
-    the output head and the modules named in `exclude` left out."""
+def linear_modules(model: nn.Module, within: str | None = None) -> set[str]:
+    """Full names of the linear layers (inside modules whose class name ends with `within`, e.g.
+    Attention), the output head left out."""
     head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     containers = (
         [("", model)]
@@ -147,11 +145,24 @@ def linear_names(
         ]
     )
     return {
-        name.rpartition(".")[2]
+        name
         for prefix, container in containers
         for name, module in container.named_modules(prefix=prefix)
-        if isinstance(module, nn.Linear) and module is not head and name not in exclude
+        if isinstance(module, nn.Linear) and module is not head
     }
+
+
+def compact_names(model: nn.Module, selected: set[str]) -> list[str]:
+    """peft target names for exactly the modules `selected`: a module's last name (q_proj) where
+    every module of that name is selected, its full name otherwise (Gemma-4's router is `proj`)."""
+    by_leaf: dict[str, set[str]] = {}
+    for name, _ in model.named_modules():
+        by_leaf.setdefault(name.rpartition(".")[2], set()).add(name)
+    names = set()
+    for name in selected:
+        leaf = name.rpartition(".")[2]
+        names.add(leaf if by_leaf[leaf] <= selected else name)
+    return sorted(names)
 
 
 @dataclass(frozen=True)
@@ -181,18 +192,18 @@ def resolve_targets(model: nn.Module, entries: list[str], layout: ExpertsLayout)
         return LoraTargets("all-linear", [])
     if everything:
         return LoraTargets(
-            sorted(linear_names(model, exclude=frozenset(router_names(layout, model)))), parameters
+            compact_names(model, linear_modules(model) - set(router_names(layout, model))), parameters
         )
-    modules = {word for word in words if word not in PRESETS}
+    names = {word for word in words if word not in PRESETS}
     if ATTENTION in words:
-        attention = linear_names(model, within="Attention")
+        attention = linear_modules(model, within="Attention")
         if not attention:
             raise ConfigError(
                 f"lora.target_modules: found no linear layers in the attention modules of "
                 f"{layout.model_class}. Fix: name the modules, e.g. lora.target_modules=[q_proj,v_proj]"
             )
-        modules |= attention
-    return LoraTargets(sorted(modules), parameters)
+        names |= set(compact_names(model, attention))
+    return LoraTargets(sorted(names), parameters)
 
 
 def check_peft_rewrite(config: peft.LoraConfig, model: nn.Module, model_class: str) -> None:
