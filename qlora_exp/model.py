@@ -26,7 +26,7 @@ from qlora_exp.embedded import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
 from qlora_exp.moe.experts import liger_kernel_config
 from qlora_exp.moe.loading import experts_out_of_upcast, fused_experts_loading
-from qlora_exp.moe.lora import count_trainable_by_kind, target_lora
+from qlora_exp.moe.lora import count_trainable_by_kind, load_adapter, target_lora
 from qlora_exp.multimodal import exclude_non_text, loading_plan
 from qlora_exp.precision import DTYPES, resolve_compute_dtype, set_unquantized_precision
 from qlora_exp.run.directory import ADAPTER_DIR, TOKENIZER_DIR
@@ -259,7 +259,7 @@ def attach_lora(base: PreTrainedModel, lora_cfg: LoraConfig) -> peft.PeftModel:
 
 def attach_saved_adapter(base: PreTrainedModel, adapter_dir: Path) -> peft.PeftModel:
     """A saved adapter (a finished run's `adapter/`) on `base`, trainable, to train further."""
-    model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    model = load_adapter(base, adapter_dir, is_trainable=True)  # 4-bit experts' LoRA included
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA from %s: %d trainable of %d parameters", adapter_dir, trainable, total)
     return model

@@ -28,7 +28,13 @@ from qlora_exp.cli.merge import merge_run
 from qlora_exp.embedded import resolve_embedded
 from qlora_exp.errors import ConfigError
 from qlora_exp.generation import generate_replies
-from qlora_exp.model import attach_lora, build_lora_config, load_quantized_base, load_trainable_base
+from qlora_exp.model import (
+    attach_lora,
+    attach_saved_adapter,
+    build_lora_config,
+    load_quantized_base,
+    load_trainable_base,
+)
 from qlora_exp.moe.experts import (
     GroupedExperts,
     dequantize_experts,
@@ -388,6 +394,10 @@ def test_tiny_qwen3_moe_trains_generates_and_merges_with_defaults(
     assert len(expert_keys) == 2 * 2 * 2  # 2 layers x (gate_up, down) x (A, B)
     assert all(adapter[k].abs().max() > 0 for k in expert_keys if "lora_B" in k)  # trained away from 0
     run = FinishedRun(run_dir)
+    # Trained further (method=dpo's init_from): the expert LoRA loads trainable, with its dropout.
+    again = attach_saved_adapter(load_trainable_base(run.config.model), run_dir / "adapter")
+    assert count_trainable_by_kind(again)["experts"] == sum(adapter[k].numel() for k in expert_keys)
+    assert isinstance(again.base_model.model.model.layers[0].mlp.experts.lora_dropout["default"], nn.Dropout)
     model = run.load_quantized_model()  # as qlora-generate and qlora-chat load it
     for module in experts_modules(model):
         assert isinstance(module, GroupedExperts) and isinstance(module.gate_up_proj, bnb.nn.Params4bit)
