@@ -11,11 +11,18 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    Gemma3Config,
+    LlavaConfig,
+    T5Config,
+)
 
 from qlora_exp.cli.merge import merge_run
+from qlora_exp.errors import ConfigError
 from qlora_exp.model import build_quantized_model, count_trainable_parameters
-from qlora_exp.multimodal import non_text_modules
+from qlora_exp.multimodal import auto_model_class, non_text_modules
 from qlora_exp.run.directory import ADAPTER_DIR, METRICS, SAMPLES_FILE
 from qlora_exp.run.finished import FinishedRun
 from qlora_exp.schema import to_schema
@@ -105,3 +112,12 @@ def test_multimodal_gemma4_keeps_lora_and_4_bits_to_its_language_model() -> None
         assert not any(
             isinstance(module, bnb.nn.Linear4bit) for module in base.get_submodule(tower).modules()
         )
+
+
+def test_the_auto_class_builds_the_class_the_checkpoint_declares() -> None:
+    # transformers maps Gemma-3/4 causal-LM loading to their multimodal class; a model type known only
+    # as image-text-to-text (LLaVA) loads through that auto class; anything else is refused up front.
+    assert auto_model_class(Gemma3Config()) is AutoModelForCausalLM
+    assert auto_model_class(LlavaConfig()) is AutoModelForImageTextToText
+    with pytest.raises(ConfigError, match=r"model\.name_or_path"):
+        auto_model_class(T5Config())

@@ -15,11 +15,12 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from qlora_exp.errors import ConfigError, RunDirectoryError
 from qlora_exp.model import check_attention, load_quantized_base, resolve_source
 from qlora_exp.moe.lora import load_adapter
+from qlora_exp.multimodal import auto_model_class
 from qlora_exp.run.directory import ADAPTER_DIR, COMPLETED, FAILED, RESOLVED_CONFIG, TOKENIZER_DIR
 from qlora_exp.schema import Config, to_schema
 
@@ -76,7 +77,11 @@ class FinishedRun:
         cfg = self.config.model
         source = resolve_source(cfg)
         check_attention(cfg, source)
-        base: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        config = AutoConfig.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+        # The class the checkpoint declares, as training loaded it (multimodal ones included).
+        base: PreTrainedModel = auto_model_class(config).from_pretrained(
             source,
             revision=cfg.revision,
             dtype=dtype,
