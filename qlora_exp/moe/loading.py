@@ -45,10 +45,10 @@ _BNB_4BIT = "bitsandbytes_4bit"
 
 @dataclass(frozen=True)
 class ExpertsLayout:
-    """The fused experts of a model: those the project computes, and any other 3-D weights."""
+    """The fused experts of a model: those in the layout GroupedExperts computes, and any others."""
 
     model_class: str
-    # module name -> experts module, in the layout GroupedExperts computes and in any other
+    # module name -> experts module
     supported: dict[str, nn.Module] = field(default_factory=dict)
     unsupported: dict[str, nn.Module] = field(default_factory=dict)
 

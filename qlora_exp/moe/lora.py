@@ -9,7 +9,8 @@ saving, loading and trainable-parameter handling (an adapter trained here loads 
 model with plain peft, which is how `qlora-merge` folds it in). Its forward hands the factors to
 the experts module (experts.GroupedExperts), which adds scaling * B_e A_e dropout(x) per expert,
 on the 4-bit weights' groups. It is registered through peft's custom-module API for the grouped
-experts only; experts left in another layout (model.quantize_experts=false) get peft's own wrapper.
+experts only; experts in a layout they cannot compute (kept unquantized with
+model.quantize_experts=false) get peft's own wrapper, and with it its refusal of dropout.
 """
 
 from __future__ import annotations
