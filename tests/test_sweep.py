@@ -37,17 +37,24 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
 
 
-def job_records(job: Path) -> list[dict[str, Any]]:
-    """The records of the job's offline W&B run."""
-    (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
-    return wandb_records(run_file)
-
-
 @pytest.fixture(scope="module")
 def grid_sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     """A 2x2 rank x learning-rate sweep of smoke runs, tracked by W&B offline."""
     sweep_dir = tmp_path_factory.mktemp("sweeps") / "rank-lr-smoke"
     return sweep_dir, sweep(sweep_dir, *GRID, "tracking=wandb")
+
+
+@pytest.fixture(scope="module")
+def job_records(grid_sweep: Sweep) -> dict[Path, list[dict[str, Any]]]:
+    """Each grid job's offline W&B run records, read once."""
+    sweep_dir, _ = grid_sweep
+    return {job: wandb_records(run_file(job)) for job in job_dirs(sweep_dir)}
+
+
+def run_file(directory: Path) -> Path:
+    """The .wandb file of the one offline W&B run in `directory`."""
+    (path,) = directory.glob("wandb/offline-run-*/run-*.wandb")
+    return path
 
 
 def test_grid_sweep_runs_four_completed_jobs(
@@ -75,13 +82,11 @@ def test_grid_sweep_runs_four_completed_jobs(
 
 
 def test_each_job_is_its_own_offline_wandb_run_in_the_sweep_group(
-    grid_sweep: Sweep,
+    job_records: dict[Path, list[dict[str, Any]]],
 ) -> None:
-    sweep_dir, _ = grid_sweep
     run_ids, names = set(), set()
     shared = ["experiment=smoke", "tracking=wandb", "trainer.max_steps=2"]
-    for job in job_dirs(sweep_dir):
-        records = job_records(job)
+    for job, records in job_records.items():
         (run,) = [r["run"] for r in records if r["type"] == "run"]
         assert run["run_group"] == "rank-lr-smoke"
         assert run["job_type"] == "train"
@@ -104,10 +109,8 @@ def test_each_job_is_its_own_offline_wandb_run_in_the_sweep_group(
     assert len(run_ids) == len(names) == 4
 
 
-def test_each_job_logs_its_adapter_as_a_model_artifact(grid_sweep: Sweep) -> None:
-    sweep_dir, _ = grid_sweep
-    for job in job_dirs(sweep_dir):
-        records = job_records(job)
+def test_each_job_logs_its_adapter_as_a_model_artifact(job_records: dict[Path, list[dict[str, Any]]]) -> None:
+    for job, records in job_records.items():
         (run,) = [r["run"] for r in records if r["type"] == "run"]
         (artifact,) = model_artifacts(records)
         assert (artifact["type"], artifact["name"]) == ("model", f"adapter-{run['run_id']}")
@@ -146,8 +149,7 @@ def test_compare_prints_one_row_per_job_and_writes_files(
 def test_compare_wandb_logs_the_sweep_as_one_comparison_run(grid_sweep: Sweep) -> None:
     sweep_dir, _ = grid_sweep
     compare_main([str(sweep_dir), "--wandb"])
-    (run_file,) = sweep_dir.glob("wandb/offline-run-*/run-*.wandb")  # in the sweep directory
-    records = wandb_records(run_file)
+    records = wandb_records(run_file(sweep_dir))  # the comparison run lives in the sweep directory
     (run,) = [r["run"] for r in records if r["type"] == "run"]
     assert (run["job_type"], run["run_group"], run["display_name"]) == (
         "comparison",

@@ -74,7 +74,8 @@ def test_grid_preset_runs_two_jobs_with_submitit_local_executor(tmp_path: Path) 
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     jobs = completed_jobs(sweep_dir)
-    assert len(jobs) == 2
+    # named by what varies, also when the launcher composes each job's config for another process
+    assert [job.name for job in jobs] == ["lora.r=4", "lora.r=8"]
     assert list((sweep_dir / ".submitit").iterdir())  # the jobs ran through submitit
     for job in jobs:
         assert yaml.safe_load((job / "resolved_config.yaml").read_text())["tracking"]["tags"] == [
