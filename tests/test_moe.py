@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -374,7 +375,18 @@ def test_schema_refuses_moe_settings_that_contradict(section: type, values: dict
         section(**extra, **values)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on 2 shared cores OpenMP's spin-waiting makes tiny CPU steps several
+    times slower (BENCHMARKS.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_tiny_qwen3_moe_trains_generates_and_merges_with_defaults(
     tmp_path: Path, embedded_cache: Path
 ) -> None:
