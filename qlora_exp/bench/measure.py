@@ -227,7 +227,8 @@ def summarise(result: SettingResult, recorder: StepRecorder, plan: StepPlan, sha
     timed = slice(plan.warmup_steps, plan.timed_end)
     seconds = sum(result.step_seconds[timed])
     result.real_tokens_per_s = sum(result.step_real_tokens[timed]) / seconds if seconds > 0 else None
-    if result.real_tokens_per_s is not None and torch.cuda.is_available():
+    # peak_tflops=0 turns MFU off (benchmarks/moe_experts.py: a MoE activates few of its parameters).
+    if result.real_tokens_per_s is not None and torch.cuda.is_available() and shared.options.peak_tflops > 0:
         flops = count_flops_per_token(shared.base) * result.real_tokens_per_s
         result.mfu = flops / (shared.options.peak_tflops * 1e12)
     k = shared.options.loss_steps
