@@ -5,6 +5,7 @@ whole runs complete with reward figures, and a resumed run equals the uninterrup
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,7 @@ def test_a_resumed_dpo_run_equals_the_uninterrupted_one(
     dpo_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert (dpo_run / "checkpoints" / "checkpoint-2" / "qlora_checkpoint.json").is_file()  # atomic, verified
+    caplog.set_level(logging.INFO, logger="qlora_exp")
     # The run as it stood when stopped after its step-2 checkpoint: nothing written after it.
     run_dir = tmp_path / "run"
     later = {"COMPLETED", "metrics.json", "adapter", "tokenizer", "samples.jsonl", "checkpoint-4"}
@@ -203,7 +205,9 @@ def test_a_resumed_dpo_run_equals_the_uninterrupted_one(
 
 def test_dpo_on_top_of_a_finished_sft_run(smoke_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    train_in_process(run_dir, *TINY_DPO, "trainer.max_steps=2", f"method.init_from={smoke_run}")
+    train_in_process(
+        run_dir, *TINY_DPO, "trainer.max_steps=2", "eval.num_samples=0", f"method.init_from={smoke_run}"
+    )
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["reward_margin_before"] == 0  # the reference is where the policy starts: the SFT model
     assert all(isinstance(metrics[name], float) for name in REWARDS)
