@@ -73,7 +73,7 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
         with Tracker(schema.tracking, run, {**resolved, **extra}) as tracker:
             samples = HeldOutSamples(schema.eval, data, run_dir, tracker)
             for callback in (
-                TrackingCallback(tracker),
+                TrackingCallback(tracker, perplexity=not schema.method.preference),
                 samples,
                 NonFiniteGuard(schema.trainer.nan_guard_patience),
                 PreemptionCallback(),

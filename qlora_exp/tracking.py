@@ -172,10 +172,12 @@ class TrackingCallback(TrainerCallback):
     """Forwards the Trainer's logs (loss, lr, grad norm, eval) to the tracker, and rewrites the
     run directory's log_history.json from the Trainer's state, for plots without W&B
     (`qlora-compare`): transformers writes it only inside checkpoints. A resumed run restores
-    the state's history, so the file stays whole."""
+    the state's history, so the file stays whole. `perplexity`: log exp(eval_loss) beside it, which
+    means something for a cross-entropy loss (SFT), not for a preference loss (DPO)."""
 
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: Tracker, perplexity: bool = True) -> None:
         self.tracker = tracker
+        self.perplexity = perplexity
 
     def on_log(
         self,
@@ -186,6 +188,7 @@ class TrackingCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         if logs and state.is_world_process_zero:
-            extra = {"eval_perplexity": perplexity(logs["eval_loss"])} if "eval_loss" in logs else {}
+            evaluated = self.perplexity and "eval_loss" in logs
+            extra = {"eval_perplexity": perplexity(logs["eval_loss"])} if evaluated else {}
             self.tracker.log({**logs, **extra}, step=state.global_step)
             write_json_atomic(self.tracker.run_dir / HISTORY_FILE, state.log_history)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TrainerControl, TrainerState, TrainingArguments
 
 from qlora_exp.data.formats import MALFORMED, MISSING_FIELD, Drop, detect_format
 from qlora_exp.data.preference import (
@@ -23,6 +23,7 @@ from qlora_exp.data.synthetic import generate_synthetic_examples, generate_synth
 from qlora_exp.data.tokenization import OVER_LENGTH
 from qlora_exp.errors import ConfigError, DataError
 from qlora_exp.schema import DataColumnsConfig, DataConfig, to_schema
+from qlora_exp.tracking import TrackingCallback
 from tests.conftest import compose_config
 
 COLUMNS = DataColumnsConfig()
@@ -326,3 +327,26 @@ def test_dpo_defaults() -> None:
     method = to_schema(compose_config("method=dpo")).method
     assert (method.name, method.beta, method.loss_type, method.init_from) == ("dpo", 0.1, "sigmoid", None)
     assert to_schema(compose_config("experiment=beta_lr_grid")).method.name == "dpo"
+
+
+class RecordingTracker:
+    """What TrackingCallback needs of a Tracker: log() and the run directory."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.logged: list[dict[str, float]] = []
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append(metrics)
+
+
+@pytest.mark.parametrize(("perplexity", "logged"), [(True, True), (False, False)])
+def test_perplexity_is_tracked_for_sft_losses_only(tmp_path: Path, perplexity: bool, logged: bool) -> None:
+    tracker = RecordingTracker(tmp_path)
+    callback = TrackingCallback(tracker, perplexity=perplexity)  # type: ignore[arg-type]
+    state = TrainerState()
+    state.log_history = [{"eval_loss": 0.69, "step": 0}]
+    callback.on_log(
+        TrainingArguments(output_dir=str(tmp_path)), state, TrainerControl(), logs={"eval_loss": 0.69}
+    )
+    assert ("eval_perplexity" in tracker.logged[0]) == logged
