@@ -54,7 +54,7 @@ def make_job(
         node = config
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node[part]
+            node = node.setdefault(part, {})
         node[leaf] = value
     (path / "resolved_config.yaml").write_text(yaml.safe_dump(config))
     if failed:
@@ -127,6 +127,19 @@ def test_table_has_one_row_per_job_sorted_with_failures_last(grid: Path) -> None
 def test_maximize_reverses_the_order(grid: Path) -> None:
     table = comparison_table(jobs_of(grid), "eval_loss", maximize=True)
     assert list(table["eval_loss"][:3]) == [6.5, 6.3, 6.1]
+
+
+def test_a_dpo_beta_sweep_shows_and_ranks_by_reward_figures(tmp_path: Path, grid: Path) -> None:
+    for beta, accuracy, margin in ((0.05, 0.6, 0.02), (0.1, 0.8, 0.05), (0.5, 0.7, 0.3)):
+        job = make_job(tmp_path / "dpo", {"method.beta": beta}, 0.69)
+        metrics = json.loads((job / "metrics.json").read_text())
+        metrics.update(reward_accuracy=accuracy, reward_margin=margin)
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    table = comparison_table(jobs_of(tmp_path / "dpo"), "reward_accuracy", maximize=True)
+    assert list(table["method.beta"]) == [0.1, 0.5, 0.05]
+    assert list(table["reward_margin"]) == [0.05, 0.3, 0.02]
+    # An SFT sweep's table has no reward columns.
+    assert "reward_accuracy" not in comparison_table(jobs_of(grid), "eval_loss").columns
 
 
 def test_seed_summary_gives_mean_and_std_per_setting(tmp_path: Path) -> None:

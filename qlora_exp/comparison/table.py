@@ -26,6 +26,8 @@ METRIC_COLUMNS = {
     "peak_memory_gb": "peak_memory_gb",
     "train_runtime_s": "runtime_s",
 }
+# Preference runs' figures (method=dpo, docs/preference.md): columns only in a table that has such a run
+PREFERENCE_COLUMNS = {"reward_accuracy": "reward_accuracy", "reward_margin": "reward_margin"}
 SEED = "seed"
 TOKEN_SPREAD_TOLERANCE = 0.10  # seeds sample different rows, so token counts differ a little
 # What qlora-compare writes into the sweep directory (besides heatmap_<column>.png)
@@ -42,13 +44,15 @@ def metric_column(metric: str) -> str:
 def comparison_table(jobs: list[Job], metric: str, maximize: bool = False) -> pd.DataFrame:
     """One row per job: swept values, status, metrics; best first, jobs without the metric last."""
     keys = swept_keys(jobs)
+    preference = any(name in job.metrics for job in jobs for name in PREFERENCE_COLUMNS)
+    columns = {**METRIC_COLUMNS, **(PREFERENCE_COLUMNS if preference else {})}
     rows = []
     for job in jobs:
         row: dict[str, Any] = {"job": job.path.name}
         row.update({key: param_value(job, key) for key in keys})
         row["status"] = job.status
-        row.update({column: job.metrics.get(name, math.nan) for name, column in METRIC_COLUMNS.items()})
-        if metric not in METRIC_COLUMNS:
+        row.update({column: job.metrics.get(name, math.nan) for name, column in columns.items()})
+        if metric not in columns:
             row[metric] = job.metrics.get(metric, math.nan)
         row["note"] = job.reason.splitlines()[0][:80] if job.reason else ""
         rows.append(row)
