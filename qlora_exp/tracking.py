@@ -45,6 +45,11 @@ EVAL_METRICS = (
     "exact_match_before",
     "exact_match",
     "exact_match_samples",
+    # method=dpo (docs/preference.md)
+    "reward_accuracy_before",
+    "reward_accuracy",
+    "reward_margin_before",
+    "reward_margin",
 )
 
 
