@@ -83,7 +83,7 @@ def test_group_presets_set_only_what_they_change() -> None:
                 for key, value in preset.items()
                 if value == defaults[key] and (f"{group}/{path.stem}", key) not in PINNED_REPEATS
             ]
-    assert not repeats, f"presets repeat the schema's defaults (qlora_exp/schema.py owns them): {repeats}"
+    assert not repeats, f"presets repeat the schema's defaults (qlora_exp/schema/ owns them): {repeats}"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -1,0 +1,130 @@
+"""Which base model to load and how to quantize it (`model`), and the LoRA adapter (`lora`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from qlora_exp.schema.checks import require, require_choice
+
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how to quantize it."""
+
+    # The one place a model's name lives. `embedded:tiny-gemma2` is built locally (no hub).
+    name_or_path: str = MISSING
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str = "eager"
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "auto"
+    # FSDP shards 4-bit weights only when they are stored in the compute dtype.
+    bnb_4bit_quant_storage: str | None = None
+    gradient_checkpointing: bool = True
+    # Liger's Triton kernels for this architecture (RMSNorm, RoPE, GeGLU/SwiGLU, and a fused
+    # linear + cross-entropy loss that never materialises the vocabulary-sized logits). CUDA only.
+    use_liger_kernel: bool = False
+    # peft's prepare_model_for_kbit_training casts every unquantized parameter (embeddings, norms)
+    # to fp32, which puts the whole residual stream in fp32. false casts them back to the compute
+    # dtype: less memory and fewer dtype conversions per layer (Liger's RMSNorm still sums in fp32).
+    upcast_unquantized_params: bool = True
+    # With upcast_unquantized_params=false: keep the residual stream (the embedding output, every
+    # layer's sums and the outputs of the projections that write into it) in fp32 while the weights,
+    # attention, the MLPs and the LM head's input stay in the compute dtype. LoRA's small early
+    # updates survive the fp32 sums, as with the fp32 upcast, without fp32 embeddings, an fp32 LM
+    # head, fp32 blocks or their memory. BENCHMARKS.md.
+    fp32_residual: bool = False
+    # Mixture-of-experts models (qlora_exp/moe/): the fused experts in 4 bits like every linear weight.
+    # false keeps them unquantized, explicitly; a MoE layout that cannot be quantized is refused.
+    quantize_experts: bool = True
+    # The router's load-balancing loss, added to the loss by transformers (output_router_logits):
+    # with the model's own coefficient, or router_aux_loss_coef when given.
+    router_aux_loss: bool = False
+    router_aux_loss_coef: float | None = None
+
+    def __post_init__(self) -> None:
+        require(bool(self.name_or_path), "model.name_or_path", "is empty", "name a hub id or a local dir")
+        require(
+            self.router_aux_loss_coef is None or self.router_aux_loss,
+            "model.router_aux_loss_coef",
+            "is set but model.router_aux_loss=false, so no load-balancing loss is added",
+            "also set model.router_aux_loss=true, or drop the coefficient",
+        )
+        require(
+            self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+            "model.router_aux_loss_coef",
+            f"must be >= 0, got {self.router_aux_loss_coef}",
+            "use e.g. 0.001, or null for the model's own",
+        )
+        # peft's k-bit preparation casts every unquantized weight to fp32: unquantized experts would
+        # take 4 bytes per parameter (~116 GB for Qwen3-30B-A3B).
+        require(
+            self.quantize_experts or not self.upcast_unquantized_params,
+            "model.quantize_experts",
+            "false keeps the experts unquantized, and model.upcast_unquantized_params=true would cast "
+            "them to fp32",
+            "also set model.upcast_unquantized_params=false (experts in the compute dtype)",
+        )
+        require_choice(self.attn_implementation, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
+        require_choice(self.bnb_4bit_quant_type, "model.bnb_4bit_quant_type", ("nf4", "fp4"))
+        require_choice(self.bnb_4bit_compute_dtype, "model.bnb_4bit_compute_dtype", COMPUTE_DTYPES)
+        if self.bnb_4bit_quant_storage is not None:
+            require_choice(
+                self.bnb_4bit_quant_storage, "model.bnb_4bit_quant_storage", (*COMPUTE_DTYPES[1:], "uint8")
+            )
+            require(
+                self.bnb_4bit_quant_storage in ("uint8", self.bnb_4bit_compute_dtype),
+                "model.bnb_4bit_quant_storage",
+                f"{self.bnb_4bit_quant_storage} differs from model.bnb_4bit_compute_dtype="
+                f"{self.bnb_4bit_compute_dtype}, so FSDP would see mixed dtypes",
+                "set both to the same dtype (e.g. bfloat16), or leave quant storage unset without FSDP",
+            )
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter shape (peft)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # ["all-linear"] targets every linear layer except the output head (peft's shorthand).
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    bias: str = "none"
+    use_rslora: bool = False
+    # Whole modules trained and saved beside the adapter, e.g. [embed_tokens] (peft's modules_to_save);
+    # a tied output head stays tied to the trained copy.
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        require(self.r > 0, "lora.r", f"must be positive, got {self.r}", "use e.g. lora.r=16")
+        require(self.alpha > 0, "lora.alpha", f"must be positive, got {self.alpha}", "use e.g. lora.alpha=32")
+        require(
+            0.0 <= self.dropout < 1.0,
+            "lora.dropout",
+            f"must be in [0, 1), got {self.dropout}",
+            "use e.g. 0.05",
+        )
+        require(bool(self.target_modules), "lora.target_modules", "is empty", "use [all-linear] or names")
+        # Presets (qlora_exp/moe/lora.py): all-linear (= all), attention, experts, joined with `+`.
+        for everything in {"all", "all-linear"} & set(self.target_modules):
+            require(
+                len(self.target_modules) == 1,
+                "lora.target_modules",
+                f"{everything} already targets every linear layer and the fused experts, "
+                f"so {list(self.target_modules)} lists more than it",
+                "use [all-linear] alone, or name what to target, e.g. [attention+experts]",
+            )
+        require_choice(self.bias, "lora.bias", ("none", "all", "lora_only"))
+
+    @property
+    def scale(self) -> float:
+        """The factor LoRA's update is multiplied by: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
