@@ -47,6 +47,8 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
     """One run in `run.path`; returns eval_loss, the sweepers' objective. Raises on failure, with
     the run directory marked FAILED and the reason."""
     schema = to_schema(cfg)  # every cross-field rule, before any data or weights load
+    cfg, start = starting_run(cfg, schema)  # method.init_from's run, and the settings its adapter fixes
+    schema = to_schema(cfg) if start else schema
     if schema.dry_run:  # data and tokenizer only, no weights, nothing trained
         return preview_data(schema)
     run_dir = run.path
@@ -54,7 +56,6 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
     quiet_non_main_ranks()
     if (objective := finished_objective(run, resolved)) is not None:  # sweep rerun: already done
         return objective
-    start = starting_run(schema)  # method.init_from's finished run, checked before anything loads
     with RunDirectory(run_dir) as run_directory:
         log.info("run directory: %s", run_dir)
         checkpoint = prepare_resume(run_dir, resolved, schema.resume, schema.resume_force)

@@ -13,6 +13,7 @@ from typing import Any
 import peft
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from qlora_exp import preference
@@ -220,8 +221,11 @@ def test_dpo_on_top_of_a_finished_sft_run(smoke_run: Path, tmp_path: Path) -> No
     ("override", "message"),
     [
         ("model.revision=another-commit", "an adapter only fits the base model it was trained on"),
-        ("lora.r=8", "Fix: pass the run's values (lora.r=16)"),
-        ("data.chat_template=chatml", "data.chat_template=None"),
+        ("lora.r=8", "trained with lora.r=16, this run sets lora.r=8"),
+        (
+            "data.chat_template=chatml",
+            "trained with data.chat_template=None, this run sets data.chat_template=chatml",
+        ),
     ],
 )
 def test_init_from_refuses_a_run_that_does_not_fit(
@@ -232,6 +236,26 @@ def test_init_from_refuses_a_run_that_does_not_fit(
     assert exit_info.value.code == ExitCode.CONFIG
     assert message in caplog.text
     assert not (tmp_path / "run").exists()  # refused before the run directory, data or weights
+
+
+def test_init_from_takes_the_runs_adapter_settings_this_run_leaves_at_their_defaults(
+    smoke_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A finished run trained with another LoRA shape and template (its record edited: only read here).
+    run = tmp_path / "sft"
+    shutil.copytree(smoke_run, run)
+    trained = yaml.safe_load((run / "resolved_config.yaml").read_text())
+    trained["lora"].update(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    trained["data"]["chat_template"] = "chatml"
+    (run / "resolved_config.yaml").write_text(yaml.safe_dump(trained))
+    caplog.set_level(logging.INFO, logger="qlora_exp")
+    cfg = compose_config(*TINY_DPO, f"method.init_from={run}")
+    continued, start = preference.starting_run(cfg, to_schema(cfg))
+    assert start is not None and start.path == run
+    schema = to_schema(continued)
+    assert (schema.lora.r, schema.lora.alpha, schema.lora.target_modules) == (8, 16, ["q_proj", "v_proj"])
+    assert schema.data.chat_template == "chatml" and schema.lora.dropout == 0.05  # dropout: off under DPO
+    assert f"method.init_from: from {run}: lora.r=8, lora.alpha=16" in caplog.text
 
 
 def test_init_from_must_be_a_finished_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
