@@ -9,10 +9,12 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -26,6 +28,12 @@ from qlora_exp.schema import Config, register_configs, to_schema
 
 REPO = Path(__file__).resolve().parent.parent
 register_configs()
+# One intra-op thread in this process and in every process a test starts (torchrun, the console
+# scripts): on 2 cores, OpenMP's spin-waiting between threads makes the tiny models' steps several
+# times slower, and every run of the suite then computes with the same thread count (runs compared
+# across processes, e.g. a resumed run against an uninterrupted one, stay comparable).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 # 19 training rows, batch 2, 6 optimizer steps, a checkpoint every 2: seconds per step on a CPU.
 TINY_RUN = (
@@ -52,6 +60,25 @@ def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("QLORA_EXP_CACHE", None)
     else:
         os.environ["QLORA_EXP_CACHE"] = previous
+
+
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """One intra-op thread: on 2 shared cores OpenMP's spin-waiting makes tiny CPU steps several
+    times slower (BENCHMARKS.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """`one_intra_op_thread` for one test."""
+    with one_intra_op_thread():
+        yield
 
 
 def compose_config(*overrides: str) -> DictConfig:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -373,16 +372,6 @@ def test_schema_refuses_moe_settings_that_contradict(section: type, values: dict
     extra = {"name_or_path": TINY_MOE} if section is ModelConfig else {}
     with pytest.raises(ConfigError, match=message):
         section(**extra, **values)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on 2 shared cores OpenMP's spin-waiting makes tiny CPU steps several
-    times slower (BENCHMARKS.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
