@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,25 +59,6 @@ def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("QLORA_EXP_CACHE", None)
     else:
         os.environ["QLORA_EXP_CACHE"] = previous
-
-
-@contextmanager
-def one_intra_op_thread() -> Iterator[None]:
-    """One intra-op thread: on 2 shared cores OpenMP's spin-waiting makes tiny CPU steps several
-    times slower (BENCHMARKS.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """`one_intra_op_thread` for one test."""
-    with one_intra_op_thread():
-        yield
 
 
 def compose_config(*overrides: str) -> DictConfig:

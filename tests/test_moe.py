@@ -375,7 +375,6 @@ def test_schema_refuses_moe_settings_that_contradict(section: type, values: dict
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
 def test_tiny_qwen3_moe_trains_generates_and_merges_with_defaults(
     tmp_path: Path, embedded_cache: Path
 ) -> None:

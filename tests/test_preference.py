@@ -23,9 +23,9 @@ from qlora_exp.model import attach_lora, load_tokenizer
 from qlora_exp.preference import REFERENCE_ADAPTER, PreferenceTrainer, build_preference_trainer
 from qlora_exp.run.finished import FinishedRun
 from qlora_exp.schema import to_schema
-from tests.conftest import TINY_RUN, compose_config, one_intra_op_thread, train_in_process
+from tests.conftest import TINY_RUN, compose_config, train_in_process
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.slow
 
 # The SFT tiny run's size (tests/conftest.py) on synthetic pairs, 4 steps with a checkpoint every 2.
 TINY_DPO = ("experiment=dpo_smoke", *TINY_RUN[1:], "trainer.max_steps=4")
@@ -139,8 +139,7 @@ def test_reference_on_a_finished_sft_run_is_its_adapter_frozen(tmp_path: Path, s
 def dpo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted DPO run from a fresh adapter, checkpoints at steps 2 and 4."""
     run_dir = tmp_path_factory.mktemp("dpo") / "run"
-    with one_intra_op_thread():
-        train_in_process(run_dir, *TINY_DPO)
+    train_in_process(run_dir, *TINY_DPO)
     return run_dir
 
 
