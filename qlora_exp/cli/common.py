@@ -7,7 +7,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from qlora_exp.errors import ExitCode, exit_code_for
+import torch
+
+from qlora_exp.errors import QloraError, exit_code_for
 
 log = logging.getLogger(__name__)
 
@@ -19,14 +21,10 @@ def configure_cli_logging() -> None:
 
 @contextmanager
 def exit_on_error() -> Iterator[None]:
-    """End with the failure's documented exit code (`errors.exit_code_for`) and a one-line message;
-    only an unexpected error (exit 7) also logs its traceback."""
+    """End a failure we understand (a QloraError, CUDA out of memory) with its documented exit code
+    (`errors.exit_code_for`) and a one-line message; anything else propagates with its traceback."""
     try:
         yield
-    except Exception as exc:
-        code = exit_code_for(exc)
-        if code == ExitCode.OTHER:
-            log.exception("unexpected error")
-        else:
-            log.error("%s", exc)
-        raise SystemExit(code) from exc
+    except (QloraError, torch.OutOfMemoryError) as exc:
+        log.error("%s", exc)
+        raise SystemExit(exit_code_for(exc)) from exc
