@@ -21,7 +21,7 @@ from qlora_exp.schema import (
     TrainerConfig,
     to_schema,
 )
-from tests.conftest import REPO, compose_config, run_cli, train_in_process
+from tests.conftest import REPO, compose_config, run_cli_in_process, train_in_process
 
 MODEL_PRESETS = [
     "tiny",
@@ -149,7 +149,7 @@ def test_impossible_values_name_the_key(override: str, key: str) -> None:
 
 def test_cli_rejects_an_unknown_key_before_loading_anything(tmp_path: Path) -> None:
     # Hydra itself rejects it while composing: the console script's own exit code and message.
-    result = run_cli("qlora-train", "lora.rr=3", f"hydra.run.dir={tmp_path}/run", timeout=120)
+    result = run_cli_in_process("qlora-train", "lora.rr=3", f"hydra.run.dir={tmp_path}/run")
     output = result.stdout + result.stderr
     assert result.returncode == ExitCode.CONFIG, output
     assert "rr" in output
@@ -176,7 +176,7 @@ def test_a_run_rejects_an_impossible_combination_before_loading_anything(
 
 
 def test_gemma_preset_names_the_model_in_exactly_one_place() -> None:
-    result = run_cli("qlora-train", "model=gemma2_9b_it", "--cfg", "job", timeout=120)
+    result = run_cli_in_process("qlora-train", "model=gemma2_9b_it", "--cfg", "job")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("google/gemma-2-9b-it") == 1, result.stdout
 

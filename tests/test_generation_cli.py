@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from qlora_exp.cli import generate
 from qlora_exp.errors import ExitCode
-from tests.conftest import run_cli, train_in_process
+from tests.conftest import run_cli_in_process, train_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ def test_generate_file_reproduces_the_in_memory_generations(
 
 def test_generate_prompt_prints_the_answer(smoke_run: Path) -> None:
     sample = read_samples(smoke_run)[0]
-    result = run_cli("qlora-generate", str(smoke_run), "--prompt", sample["prompt"])
+    result = run_cli_in_process("qlora-generate", str(smoke_run), "--prompt", sample["prompt"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == sample["generation"]
     assert "INFO" not in result.stdout  # logs go to stderr, stdout is the answer alone

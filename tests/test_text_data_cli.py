@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli_in_process
 
 
 def _text_rows() -> list[dict[str, object]]:
@@ -51,7 +51,7 @@ def test_user_data_trains_evaluates_and_samples(
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
     run_dir = tmp_path / "run"
-    result = run_cli(
+    result = run_cli_in_process(
         "qlora-train", "experiment=smoke", "data=local", f"data.path={data}", f"hydra.run.dir={run_dir}"
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
