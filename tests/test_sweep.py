@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +15,22 @@ import yaml
 
 from qlora_exp.cli.compare import main as compare_main
 from qlora_exp.errors import ExitCode
-from tests.conftest import model_artifacts, run_cli, wandb_records
+from tests.conftest import CliResult, model_artifacts, run_cli_in_process, wandb_records
 
 pytestmark = pytest.mark.slow
 
-Sweep = tuple[Path, subprocess.CompletedProcess[str]]
+Sweep = tuple[Path, CliResult]
 GRID = ("experiment=smoke", "trainer.max_steps=2", "lora.r=4,8", "trainer.learning_rate=1e-3,2e-3")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    """`qlora-train -m OVERRIDES hydra.sweep.dir=SWEEP_DIR`."""
-    return run_cli("qlora-train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}")
+def sweep(sweep_dir: Path, *overrides: str) -> CliResult:
+    """`qlora-train -m OVERRIDES hydra.sweep.dir=SWEEP_DIR` (Hydra's basic launcher runs the jobs in
+    this process, one after the other, as in the console script's own process)."""
+    return run_cli_in_process("qlora-train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}")
 
 
-def output(result: subprocess.CompletedProcess[str]) -> str:
+def output(result: CliResult) -> str:
     return result.stdout + result.stderr
 
 
@@ -132,7 +133,7 @@ def test_compare_prints_one_row_per_job_and_writes_files(
     grid_sweep: Sweep,
 ) -> None:
     sweep_dir, _ = grid_sweep
-    result = run_cli("qlora-compare", str(sweep_dir))
+    result = run_cli_in_process("qlora-compare", str(sweep_dir))
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if "COMPLETED" in line]
     assert len(rows) == 4
@@ -199,7 +200,7 @@ def test_diff_names_the_rank_between_two_jobs(grid_sweep: Sweep, capsys: pytest.
 
 def test_sync_dry_run_lists_every_offline_run_once(grid_sweep: Sweep) -> None:
     sweep_dir, _ = grid_sweep
-    result = run_cli("qlora-sync", str(sweep_dir), "--dry-run")
+    result = run_cli_in_process("qlora-sync", str(sweep_dir), "--dry-run")
     assert result.returncode == 0, result.stderr
     commands = [shlex.split(line) for line in result.stdout.splitlines()]
     assert all(command[1] == "sync" and Path(command[0]).name == "wandb" for command in commands)
@@ -255,6 +256,18 @@ def test_a_failing_job_does_not_stop_the_sweep_and_a_rerun_retries_only_it(tmp_p
     assert (bad / "FAILED").stat().st_mtime_ns > failed_at  # tried again
 
 
+@pytest.fixture
+def optuna_logs_to_the_sweep() -> Iterator[None]:
+    """Optuna's logger writes to the stderr of its import time; for the duration of a test, send its
+    records to the sweep's logging set-up instead, whose output the test reads."""
+    optuna.logging.enable_propagation()
+    optuna.logging.disable_default_handler()
+    yield
+    optuna.logging.enable_default_handler()
+    optuna.logging.disable_propagation()
+
+
+@pytest.mark.usefixtures("optuna_logs_to_the_sweep")
 def test_optuna_preset_runs_three_trials_and_resumes(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "optuna"
     overrides = ("experiment=[rank_lr_optuna,smoke]", "trainer.max_steps=1", "data.synthetic_size=24")
