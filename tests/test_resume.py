@@ -1,5 +1,6 @@
 """End-to-end reliability: do what the failure does (real signals, SIGKILL, torn files, NaN, canary
-secrets, concurrent starts) to `qlora-train` in a subprocess, then check the run as a user would."""
+secrets, concurrent starts) to `qlora-train` (in a subprocess where the process is what the failure
+hits), then check the run, and rerun it, as a user would."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from transformers import TrainerCallback
 from qlora_exp import experiment
 from qlora_exp.errors import ExitCode
 from qlora_exp.training import build_trainer
-from tests.conftest import REPO, TINY_RUN, run_cli, train_in_process
+from tests.conftest import REPO, TINY_RUN, run_cli_in_process, train_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -76,14 +77,12 @@ def assert_same_result(run_dir: Path, reference: Path) -> None:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted run, W&B offline, with canary secrets in the environment and an override."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = run_cli(
-        "qlora-train",
-        *TINY,
-        "tracking=wandb",
-        f"hydra.run.dir={run_dir}",
-        f"+hub_token={OVERRIDE_CANARY}",
-        env=ENV_CANARIES,
-    )
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in ENV_CANARIES.items():
+            env.setenv(name, value)
+        result = run_cli_in_process(
+            "qlora-train", *TINY, "tracking=wandb", f"hydra.run.dir={run_dir}", f"+hub_token={OVERRIDE_CANARY}"
+        )
     assert result.returncode == 0, result.stdout + result.stderr
     (run_dir / "cli_output.txt").write_text(result.stdout + result.stderr)
     return run_dir
@@ -114,7 +113,7 @@ def test_sigterm_checkpoints_exits_75_and_rerun_matches(reference: Path, tmp_pat
     assert not (run_dir / "adapter").exists()
     run_id = (run_dir / "wandb_run_id.txt").read_text()
 
-    rerun = run_cli("qlora-train", *command)
+    rerun = run_cli_in_process("qlora-train", *command)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "resuming" in (run_dir / "train.log").read_text()
     assert_same_result(run_dir, reference)
@@ -132,7 +131,7 @@ def test_sigkill_then_torn_checkpoint_resumes_from_last_complete(reference: Path
     newest = run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # a torn write
 
-    rerun = run_cli("qlora-train", *TINY, f"resume={run_dir}")  # the other way to name the run
+    rerun = run_cli_in_process("qlora-train", *TINY, f"resume={run_dir}")  # the other way to name the run
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     log = (run_dir / "train.log").read_text()
     assert "skipping checkpoint" in log and "checkpoint-4: adapter_model.safetensors has 100 bytes" in log
