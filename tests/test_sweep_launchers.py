@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from qlora_exp.cli.train import CONF_DIR
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_in_process
 
 # The plugin is in the dev extra (CI runs these tests) and the ray extra.
 RAY = importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None
@@ -63,7 +63,8 @@ def test_grid_preset_runs_two_jobs_with_submitit_local_executor(tmp_path: Path) 
     sweep_dir = tmp_path / "submitit"
     # The preset's own lists are replaced by the command line's, as in any Hydra sweep.
     overrides = [o for o in TWO_JOBS if not o.startswith("experiment=")]
-    result = run_cli(
+    # The sweep's own process in this one; submitit starts a process per job.
+    result = run_cli_in_process(
         "qlora-train",
         "-m",
         "experiment=[rank_lr_grid,smoke]",
