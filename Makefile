@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist: a worker per core (at most 4: each holds its own torch and models), idle workers take
+# queued tests from busy ones. TEST_WORKERS= (empty) runs the suite in one process.
+TEST_WORKERS ?= -n auto --maxprocesses=4 --dist worksteal
 
 NPROC ?= 2
 
@@ -40,11 +43,11 @@ sweep: install  ## a minutes-long rank x learning-rate grid of smoke runs, then 
 	$(BIN)/qlora-train "experiment=[rank_lr_grid,smoke]" hydra.sweep.dir=outputs/sweeps/rank_lr_smoke $(ARGS)
 	$(BIN)/qlora-compare outputs/sweeps/rank_lr_smoke
 
-test: install  ## the whole CPU test suite (what CI runs)
-	$(BIN)/pytest --durations=15 $(PYTEST_ARGS)
+test: install  ## the whole CPU test suite (what CI runs), one worker per core
+	$(BIN)/pytest $(TEST_WORKERS) --durations=15 $(PYTEST_ARGS)
 
 test-fast: install  ## the suite without the slow end-to-end runs
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 lint: install  ## ruff and mypy
 	$(BIN)/ruff check qlora_exp tests

@@ -56,6 +56,13 @@ TINY_RUN = (
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end (`slow`) tests first, each file's tests still in their order: `make test` runs the
+    suite on every core (`pytest -n auto --dist worksteal`), and with the long tests started first
+    the short ones fill the gaps instead of one long test ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One embedded-model cache for the whole session (tests and the CLIs they start)."""
