@@ -3,6 +3,7 @@ at a time gives; the throughput benchmark runs and reports its rates."""
 
 from __future__ import annotations
 
+import logging
 import re
 import runpy
 import sys
@@ -90,7 +91,14 @@ def test_benchmark_prints_a_positive_rate_per_tokenizer_and_packing_mode(
     script = REPO / "benchmarks" / "data_prep.py"
     args = ["--rows=60", "--real-vocab=600", "--corpus-mb=0.3", "--packing", "none", "packed"]
     monkeypatch.setattr(sys, "argv", [str(script), *args])
-    runpy.run_path(str(script), run_name="__main__")
+    # The script quiets two loggers for its table, as a script may: give them back to the suite.
+    quieted = [logging.getLogger(name) for name in ("qlora_exp.data.module", "qlora_exp.data.cache")]
+    levels = [logger.level for logger in quieted]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        for logger, level in zip(quieted, levels, strict=True):
+            logger.setLevel(level)
     stdout = capsys.readouterr().out
     rows = [line.split("|")[1:-1] for line in stdout.splitlines() if re.match(r"\| (tiny|real) ", line)]
     assert [(r[0].strip(), r[2].strip()) for r in rows] == [
