@@ -22,6 +22,7 @@ from transformers import (
 from transformers.integrations.liger import apply_liger_kernel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from qlora_exp.cache import configure_compile_cache
 from qlora_exp.embedded import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
 from qlora_exp.moe.experts import liger_kernel_config
@@ -184,6 +185,7 @@ def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
     """The base model in 4 bits, loaded as any hub model is (`from_pretrained`)."""
     source = resolve_source(cfg)
     check_attention(cfg, source)
+    configure_compile_cache(cfg.compile_cache)  # before anything compiles: training, generation, bench
     configure_flex_compile()  # any model may switch to flex attention later (the bench does)
     model_class, skips = loading_plan(source, cfg.revision, cfg.trust_remote_code)
     if cfg.trust_remote_code:

@@ -48,6 +48,10 @@ class ModelConfig:
     # with the model's own coefficient, or router_aux_loss_coef when given.
     router_aux_loss: bool = False
     router_aux_loss_coef: float | None = None
+    # torch.compile's caches (compiled flex attention, Triton kernels) under
+    # $QLORA_EXP_CACHE/compile/, one directory per torch/Triton/transformers/... version, so that a
+    # sweep's later jobs load what its first job compiled (qlora_exp/cache.py). false: torch's defaults.
+    compile_cache: bool = True
 
     def __post_init__(self) -> None:
         require(bool(self.name_or_path), "model.name_or_path", "is empty", "name a hub id or a local dir")
