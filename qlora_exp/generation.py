@@ -37,6 +37,7 @@ from qlora_exp.baseline import GENERATIONS, BaselineCache, isolated_rng
 from qlora_exp.data.formats import Conversation, Message
 from qlora_exp.data.module import DataModule
 from qlora_exp.data.tokenization import raw_turn_ids, split_raw_text
+from qlora_exp.multimodal import attention_implementations
 from qlora_exp.run.directory import SAMPLES_FILE
 from qlora_exp.schema import EvalConfig
 from qlora_exp.tracking import Tracker
@@ -95,8 +96,8 @@ def inference_mode(model: GenerativeModel) -> Iterator[None]:
         with torch.no_grad():
             yield
     finally:
-        if attention == "flex_attention":
-            base.set_attn_implementation(attention)
+        if attention == "flex_attention":  # the language model's; a multimodal model's towers stay eager
+            base.set_attn_implementation(attention_implementations(base.config, attention))
         model.train(was_training)
 
 

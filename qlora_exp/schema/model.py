@@ -20,6 +20,8 @@ class ModelConfig:
     name_or_path: str = MISSING
     revision: str | None = None
     trust_remote_code: bool = False
+    # The language model's attention. A multimodal checkpoint's vision/audio towers take eager, which
+    # every tower has and text-only training never runs (qlora_exp/multimodal.py).
     attn_implementation: str = "eager"
     load_in_4bit: bool = True
     bnb_4bit_quant_type: str = "nf4"
