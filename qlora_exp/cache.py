@@ -25,6 +25,7 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 log = logging.getLogger(__name__)
 
+EMBEDDED_DIR = "embedded"  # built embedded checkpoints (qlora_exp/embedded/builder.py)
 COMPILE_DIR = "compile"  # torch.compile's caches, one directory per library combination
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 TRITON_CACHE_ENV = "TRITON_CACHE_DIR"
