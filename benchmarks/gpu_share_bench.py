@@ -7,9 +7,10 @@ process alone (K = 1).
 
 To fit one 10-minute command, each process loads the model once: --max-k worker processes start
 together, and worker i (from 0) runs the setting once in every phase K > i, through the bench's own
-functions (qlora_exp.bench: data, LoRA, trainer, step recorder). A phase's K workers meet at a file
-barrier (OUT/barrier/kK) after their warm-up steps, so their timed steps run side by side; the
-workers not in a phase hold their weights and run nothing. Worker 0 compiles first, into the
+functions (qlora_exp.bench: data, LoRA, trainer, step recorder). A phase starts when the previous
+one has written its results, and its K workers meet at a file barrier (OUT/barrier/kK) after their
+warm-up steps, so their timed steps run side by side; the workers not in a phase hold their weights
+and run nothing. Worker 0 compiles first, into the
 compile cache (qlora_exp/cache.py) the others then load from.
 
 Writes OUT/kK/workerI.json (the bench's SettingResult) as each run ends, OUT/workerI.log, and
@@ -47,7 +48,16 @@ from qlora_exp.model import load_tokenizer
 
 log = logging.getLogger("gpu_share_bench")
 
-BARRIER_TIMEOUT_S = 900.0
+WAIT_TIMEOUT_S = 300.0  # longer than a cold compile plus a phase's steps; a worker that died never comes
+
+
+def wait_for(directory: Path, count: int, what: str) -> None:
+    """Until `directory` holds `count` files."""
+    deadline = time.monotonic() + WAIT_TIMEOUT_S
+    while not directory.is_dir() or len(list(directory.iterdir())) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{directory}: {what} never came")
+        time.sleep(0.05)
 
 
 def parse_args() -> tuple[argparse.Namespace, list[str]]:
@@ -75,11 +85,7 @@ class TimedStepsTogether(TrainerCallback):
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / str(os.getpid())).touch()
-        deadline = time.monotonic() + BARRIER_TIMEOUT_S
-        while len(list(self.directory.iterdir())) < self.parties:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.directory}: the other processes of this phase never arrived")
-            time.sleep(0.05)
+        wait_for(self.directory, self.parties, "the phase's other processes")
 
 
 @contextmanager
@@ -131,6 +137,8 @@ def worker(index: int, max_k: int, out: Path, bench_args: list[str]) -> None:
     shared = Shared(base, tokenizer, dataset, lora_cfg, model_cfg.bnb_4bit_compute_dtype, options, out_dir)
     warmup = plan_steps(setting, options).warmup_steps
     for k in range(index + 1, max_k + 1):
+        if k > 1:  # the previous phase is over: nothing but this phase runs on the GPU, warm-ups included
+            wait_for(out / f"k{k - 1}", k - 1, f"the results of K={k - 1}")
         with timed_steps_together(out / "barrier" / f"k{k}", k, warmup):
             result = run_setting(setting, shared)
         (out / f"k{k}").mkdir(parents=True, exist_ok=True)
@@ -194,6 +202,12 @@ def main() -> None:
         workers.append(
             subprocess.Popen([*command, "--worker", str(index), *bench_args], stdout=logfile, stderr=logfile)
         )
+    while any(w.poll() is None for w in workers):
+        if any(w.poll() for w in workers):  # one failed: the others would wait for it in vain
+            for other in workers:
+                if other.poll() is None:
+                    other.terminate()
+        time.sleep(1)
     codes = [w.wait() for w in workers]
     phases = summarise(args.out, args.max_k)
     report = {"command": sys.argv, "worker_exit_codes": codes, "wall_seconds": time.perf_counter() - started}
