@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, Trainer, set_seed
 
+from qlora_exp.baseline import BaselineCache, baseline_cache
 from qlora_exp.data.module import DataModule
 from qlora_exp.data.preference import build_data_module
 from qlora_exp.data.preview import preview_data
@@ -34,9 +35,12 @@ from qlora_exp.run.sweep import JobFailure, end_failed_job, finished_objective
 from qlora_exp.schema import Config, to_schema
 from qlora_exp.tracking import Tracker, TrackingCallback
 from qlora_exp.training import (
+    StartupTimer,
     build_evaluation_callbacks,
     build_trainer,
     build_training_arguments,
+    check_peak_memory,
+    job_start_time,
     train_and_evaluate,
 )
 
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 def run_experiment(cfg: DictConfig, run: RunContext) -> float:
     """One run in `run.path`; returns eval_loss, the sweepers' objective. Raises on failure, with
     the run directory marked FAILED and the reason."""
+    started = job_start_time()
     schema = to_schema(cfg)  # every cross-field rule, before any data or weights load
     cfg, start = starting_run(cfg, schema)  # method.init_from's run, and the settings its adapter fixes
     schema = to_schema(cfg) if start else schema
@@ -67,13 +72,16 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
         data.setup()
         run_directory.write_json(DATA_STATS, data.stats.to_dict())
         run_directory.write_provenance(data_fingerprint=data.fingerprint)
-        trainer = method_trainer(schema, tokenizer, data, run_dir, start)
+        baseline = baseline_cache(schema, data.cache_key)
+        trainer = method_trainer(schema, tokenizer, data, run_dir, start, baseline=baseline)
         model = cast(PeftModel, trainer.model)  # both methods train a LoRA adapter
         trainable = count_trainable_parameters(model)
         extra = {"trainable_params": trainable, "lora_scale": schema.lora.scale}
         with Tracker(schema.tracking, run, {**resolved, **extra}) as tracker:
-            samples = HeldOutSamples(schema.eval, data, run_dir, tracker)
+            samples = HeldOutSamples(schema.eval, data, run_dir, tracker, baseline)
+            startup = StartupTimer(started)
             for callback in (
+                startup,
                 TrackingCallback(tracker, perplexity=not schema.method.preference),
                 samples,
                 NonFiniteGuard(schema.trainer.nan_guard_patience),
@@ -83,7 +91,8 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
             ):
                 trainer.add_callback(callback)
             train = train_and_evaluate_preference if schema.method.preference else train_and_evaluate
-            metrics = {**train(trainer, checkpoint), **samples.metrics, **extra}
+            metrics = {**train(trainer, checkpoint), **samples.metrics, **startup.metrics, **extra}
+            check_peak_memory(schema.peak_memory_gb, metrics)
             if run_directory.writer:
                 save_adapter(model, tokenizer, run_dir)
             run_directory.write_json(METRICS, metrics)
@@ -102,12 +111,16 @@ def method_trainer(
     data: DataModule,
     run_dir: Path,
     start: FinishedRun | None,
+    *,
+    baseline: BaselineCache | None = None,
 ) -> Trainer:
-    """The configured method's trainer, with its model: SFT's Trainer, or DPO's (qlora_exp/preference.py)."""
+    """The configured method's trainer, with its model: SFT's Trainer, or DPO's (qlora_exp/preference.py).
+    `baseline`: where SFT's step-0 evaluation is shared by a sweep's jobs (qlora_exp/baseline.py)."""
     if cfg.method.preference:
         return build_preference_trainer(cfg, tokenizer, data, run_dir, start)
     model = build_quantized_model(cfg.model, cfg.lora)
-    return build_trainer(model, tokenizer, data, build_training_arguments(cfg.trainer, run_dir, cfg.seed))
+    arguments = build_training_arguments(cfg.trainer, run_dir, cfg.seed)
+    return build_trainer(model, tokenizer, data, arguments, baseline)
 
 
 def run_job(cfg: DictConfig, run: RunContext) -> float | JobFailure:

@@ -33,9 +33,11 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from qlora_exp.baseline import GENERATIONS, BaselineCache, isolated_rng
 from qlora_exp.data.formats import Conversation, Message
 from qlora_exp.data.module import DataModule
 from qlora_exp.data.tokenization import raw_turn_ids, split_raw_text
+from qlora_exp.multimodal import attention_implementations
 from qlora_exp.run.directory import SAMPLES_FILE
 from qlora_exp.schema import EvalConfig
 from qlora_exp.tracking import Tracker
@@ -94,8 +96,8 @@ def inference_mode(model: GenerativeModel) -> Iterator[None]:
         with torch.no_grad():
             yield
     finally:
-        if attention == "flex_attention":
-            base.set_attn_implementation(attention)
+        if attention == "flex_attention":  # the language model's; a multimodal model's towers stay eager
+            base.set_attn_implementation(attention_implementations(base.config, attention))
         model.train(was_training)
 
 
@@ -227,8 +229,18 @@ class HeldOutSamples(TrainerCallback):
     exact_match) and logs W&B tables; `metrics` then holds exact_match_before and exact_match.
     """
 
-    def __init__(self, cfg: EvalConfig, data: DataModule, run_dir: Path, tracker: Tracker) -> None:
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        data: DataModule,
+        run_dir: Path,
+        tracker: Tracker,
+        baseline: BaselineCache | None = None,
+    ) -> None:
         self.cfg = cfg
+        # The generations before training, shared by a sweep's jobs (qlora_exp/baseline.py); not when
+        # sampling: the random state then depends on the adapter's initialisation, i.e. on its rank.
+        self.baseline = None if cfg.do_sample else baseline
         self.tokenizer = data.tokenizer
         self.run_dir = run_dir
         self.tracker = tracker
@@ -243,11 +255,26 @@ class HeldOutSamples(TrainerCallback):
     def _generate(self, model: GenerativeModel, when: str, step: int) -> list[str]:
         token_ids = [prompt.token_ids for prompt in self.prompts]
         generations = generate_continuations(model, self.tokenizer, token_ids, self.cfg)
+        self._report(generations, when, step)
+        return generations
+
+    def _generate_before(self, model: GenerativeModel, step: int) -> list[str]:
+        """The untrained model's generations: from the baseline cache when an earlier job stored them."""
+        with isolated_rng():  # training draws the same random numbers, cached or not
+            cached = self.baseline.load(GENERATIONS) if self.baseline else None
+            if cached is None:
+                token_ids = [prompt.token_ids for prompt in self.prompts]
+                cached = generate_continuations(model, self.tokenizer, token_ids, self.cfg)
+                if self.baseline:
+                    self.baseline.save(GENERATIONS, cached)
+        self._report(cached, "before", step)
+        return list(cached)
+
+    def _report(self, generations: list[str], when: str, step: int) -> None:
         rate = exact_match_rate(generations, self.references)
         log.info("exact match %s: %.3f on %d held-out prompts", when, rate, len(self.prompts))
         self.tracker.log({f"samples/exact_match_{when}": rate}, step=step)
         self.tracker.log_table(f"samples/{when}", self._rows(generations), step=step)
-        return generations
 
     def _rows(self, generations: list[str]) -> list[dict[str, Any]]:
         return [
@@ -269,7 +296,7 @@ class HeldOutSamples(TrainerCallback):
         if state.global_step > 0:  # resumed from a checkpoint: the untrained model is gone
             log.info("resumed at step %d: no exact_match_before", state.global_step)
             return
-        self.before = self._generate(kwargs["model"], "before", state.global_step)
+        self.before = self._generate_before(kwargs["model"], state.global_step)
 
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -22,12 +22,14 @@ from transformers import (
 from transformers.integrations.liger import apply_liger_kernel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from qlora_exp.cache import configure_compile_cache
 from qlora_exp.embedded import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
+from qlora_exp.fused_loss import fuse_head_and_loss, liger_causal_lm_loss, uses_fused_loss_forward
 from qlora_exp.moe.experts import liger_kernel_config
 from qlora_exp.moe.loading import experts_out_of_upcast, fused_experts_loading
 from qlora_exp.moe.lora import count_trainable_by_kind, load_adapter, target_lora
-from qlora_exp.multimodal import exclude_non_text, loading_plan
+from qlora_exp.multimodal import attention_implementations, exclude_non_text, loading_plan
 from qlora_exp.precision import DTYPES, resolve_compute_dtype, set_unquantized_precision
 from qlora_exp.run.directory import ADAPTER_DIR, TOKENIZER_DIR
 from qlora_exp.schema import LoraConfig, ModelConfig
@@ -86,16 +88,19 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def check_attention(cfg: ModelConfig, source: str) -> None:
-    """Refuse attention implementations that are wrong for the architecture, before weights load."""
-    model_type = AutoConfig.from_pretrained(
+def resolve_attention(cfg: ModelConfig, source: str) -> str | dict[str, str]:
+    """transformers' `attn_implementation` for `source`: `model.attn_implementation` for the language
+    model, towers as `multimodal.attention_implementations` says; refuses an implementation that is
+    wrong for the architecture, before weights load."""
+    config = AutoConfig.from_pretrained(
         source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    ).model_type
-    if model_type in SOFTCAP_MODEL_TYPES and cfg.attn_implementation == "sdpa":
+    )
+    if config.model_type in SOFTCAP_MODEL_TYPES and cfg.attn_implementation == "sdpa":
         raise ConfigError(
-            f"model.attn_implementation: sdpa drops {model_type}'s attention-logit soft-capping. "
+            f"model.attn_implementation: sdpa drops {config.model_type}'s attention-logit soft-capping. "
             "Fix: use eager, flex_attention or flash_attention_2 (>= 2.6)"
         )
+    return attention_implementations(config, cfg.attn_implementation)
 
 
 # torch.compile's default limit is 8 compiles per function. Compiled flex attention needs one per
@@ -183,7 +188,8 @@ def _device_map() -> dict[str, int | str] | None:
 def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
     """The base model in 4 bits, loaded as any hub model is (`from_pretrained`)."""
     source = resolve_source(cfg)
-    check_attention(cfg, source)
+    attention = resolve_attention(cfg, source)
+    configure_compile_cache(cfg.compile_cache)  # before anything compiles: training, generation, bench
     configure_flex_compile()  # any model may switch to flex attention later (the bench does)
     model_class, skips = loading_plan(source, cfg.revision, cfg.trust_remote_code)
     if cfg.trust_remote_code:
@@ -196,7 +202,7 @@ def load_quantized_base(cfg: ModelConfig) -> PreTrainedModel:
             revision=cfg.revision,
             quantization_config=build_quantization_config(cfg, skips),
             dtype=resolve_compute_dtype(cfg.bnb_4bit_compute_dtype),
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=attention,
             trust_remote_code=cfg.trust_remote_code,
             device_map=_device_map(),
         )
@@ -213,10 +219,22 @@ def check_liger(cfg: ModelConfig) -> None:
         )
 
 
+def apply_liger(model: PreTrainedModel) -> None:
+    """Liger's kernels patched into `model` (transformers' helper); for the multimodal Gemma classes
+    with Liger's fused loss off and the project's fused head-and-loss forward instead (fused_loss.py)."""
+    kernel_config = liger_kernel_config(model) or {}
+    fused_here = uses_fused_loss_forward(model)
+    if fused_here:
+        kernel_config["fused_linear_cross_entropy"] = False
+    apply_liger_kernel(model, kernel_config)
+    if fused_here:
+        fuse_head_and_loss(model, liger_causal_lm_loss())
+
+
 def apply_speed_kernels(model: PreTrainedModel, cfg: ModelConfig) -> None:
-    """Patch Liger's kernels into the loaded model when configured (transformers' own helper)."""
+    """Patch Liger's kernels into the loaded model when configured."""
     if cfg.use_liger_kernel:
-        apply_liger_kernel(model, liger_kernel_config(model))
+        apply_liger(model)
 
 
 # Non-reentrant checkpointing: the reentrant kind passes no gradient to LoRA weights whose inputs

@@ -7,7 +7,9 @@ towers and the projectors that feed them into it. Training on text uses only the
   they receive no gradient and run in the compute dtype, as the checkpoint ships them, rather than
   being degraded by NF4 for nothing. They are frozen like every base weight;
 - LoRA adapts only the language model: `all-linear`, and names such as `q_proj` that the towers
-  share (SigLIP's attention has them too), are kept out of the towers by peft's `exclude_modules`.
+  share (SigLIP's attention has them too), are kept out of the towers by peft's `exclude_modules`;
+- `model.attn_implementation` is the language model's attention; the towers take eager
+  (`attention_implementations`), which every tower supports and which text-only training never runs.
 
 Which modules are "not text" is read from the model's own structure (the siblings of the decoder
 that `get_decoder()` returns), so any architecture with transformers' multimodal layout is covered
@@ -38,12 +40,33 @@ from qlora_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# The towers' attention: the one implementation every transformers tower has (Gemma-4's audio tower
+# has no SDPA or flex path in transformers 5.24), and text-only batches never run a tower.
+TOWER_ATTN_IMPLEMENTATION = "eager"
+
 AutoClass = type[AutoModelForCausalLM] | type[AutoModelForImageTextToText]
 
 
 def is_multimodal(config: PretrainedConfig) -> bool:
     """True when the checkpoint's config wraps a separate text config (vision/audio towers beside it)."""
     return config.get_text_config(decoder=True) is not config
+
+
+def attention_implementations(config: PretrainedConfig, text_implementation: str) -> str | dict[str, str]:
+    """transformers' `attn_implementation` for a checkpoint whose language model takes
+    `text_implementation`: that string for a text model; for a multimodal one, a dict by sub-config
+    (transformers' own form) with the top-level model and the text config on it and every tower's
+    config on TOWER_ATTN_IMPLEMENTATION. One string would reach every tower, and a tower without that
+    implementation fails the load."""
+    if not is_multimodal(config):
+        return text_implementation
+    text_config = config.get_text_config(decoder=True)
+    implementations = {"": text_implementation}
+    for key in config.sub_configs:
+        if getattr(config, key, None) is not None:
+            is_text = getattr(config, key) is text_config
+            implementations[key] = text_implementation if is_text else TOWER_ATTN_IMPLEMENTATION
+    return implementations
 
 
 def auto_model_class(config: PretrainedConfig) -> AutoClass:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from peft import PeftModel
 from transformers import (
@@ -16,9 +19,12 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
+    TrainerControl,
+    TrainerState,
     TrainingArguments,
 )
 
+from qlora_exp.baseline import BaselineCache, BaselineEvaluationMixin
 from qlora_exp.checkpoint import AtomicCheckpointTrainer, logged_train_loss, tokens_before
 from qlora_exp.data.module import DataModule
 from qlora_exp.errors import QloraError
@@ -99,9 +105,64 @@ def peak_memory() -> dict[str, Any]:
     return {"peak_memory_gb": rss_kb / 2**20, "peak_memory_kind": "cpu_max_rss"}
 
 
+def check_peak_memory(expected_gb: float | None, measured: dict[str, Any]) -> None:
+    """Warn when the GPU peak exceeded the configured `peak_memory_gb`, from which
+    hydra/launcher=gpu_share decides how many jobs share a GPU."""
+    if expected_gb is None or measured["peak_memory_kind"] != "cuda_allocated":
+        return
+    if measured["peak_memory_gb"] > expected_gb:
+        log.warning(
+            "peak GPU memory %.1f GiB is above peak_memory_gb=%g: jobs sized from it may run out of "
+            "memory side by side (hydra/launcher=gpu_share). Fix: peak_memory_gb=%.1f",
+            measured["peak_memory_gb"],
+            expected_gb,
+            math.ceil(measured["peak_memory_gb"] * 10) / 10,
+        )
+
+
 def perplexity(loss: float) -> float:
     """exp(loss), capped so that a diverged run gives a large number rather than an overflow."""
     return math.exp(min(loss, 50.0))
+
+
+# Counts the jobs this process has started: a sweep's basic and joblib launchers run several in one.
+_JOBS_IN_PROCESS = itertools.count()
+
+
+def job_start_time() -> float:
+    """When this job started (epoch seconds): the process's start for its first job, so that the
+    interpreter's and torch's imports count, and now for any later job of the same process."""
+    if next(_JOBS_IN_PROCESS) == 0:
+        return psutil.Process().create_time()
+    return time.time()
+
+
+class StartupTimer(TrainerCallback):
+    """How long a job takes to get going: from its start (`job_start_time`) to the Trainer's
+    train begin (data, model loaded) and to the end of its first optimizer step (which includes the
+    evaluation and samples before training and the first step's compiles). A sweep pays this once
+    per job; the compile and baseline caches are what shorten it (README, "Sweeps")."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.metrics: dict[str, float] = {}
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.metrics["startup_seconds_to_train_begin"] = time.time() - self.started
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if "startup_seconds" in self.metrics:
+            return
+        self.metrics["startup_seconds"] = time.time() - self.started
+        log.info(
+            "start-up: first optimizer step done %.1f s after the job started (training began at %.1f s)",
+            self.metrics["startup_seconds"],
+            self.metrics["startup_seconds_to_train_begin"],
+        )
 
 
 def build_evaluation_callbacks(cfg: TrainerConfig) -> list[TrainerCallback]:
@@ -120,15 +181,21 @@ def eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     ]
 
 
+class SupervisedTrainer(BaselineEvaluationMixin, AtomicCheckpointTrainer):
+    """transformers' Trainer with atomic checkpoints and a step-0 evaluation a sweep's jobs share."""
+
+
 def build_trainer(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     data: DataModule,
     args: TrainingArguments,
+    baseline: BaselineCache | None = None,
 ) -> Trainer:
     """A Trainer (atomic checkpoints) over the DataModule's datasets and dynamic-padding collator; the
-    run adds its callbacks (`Trainer.add_callback`), as it does to every method's trainer."""
-    return AtomicCheckpointTrainer(
+    run adds its callbacks (`Trainer.add_callback`), as it does to every method's trainer. `baseline`:
+    where the untrained model's evaluation is shared (qlora_exp/baseline.py), None to compute it."""
+    trainer = SupervisedTrainer(
         model=model,
         args=args,
         train_dataset=data.train_dataset,
@@ -136,6 +203,8 @@ def build_trainer(
         data_collator=data.collator(),
         processing_class=tokenizer,
     )
+    trainer.baseline = baseline
+    return trainer
 
 
 def final_evaluation(trainer: Trainer) -> dict[str, float]:

@@ -23,9 +23,9 @@ from qlora_exp.model import (
     build_lora_config,
     build_quantization_config,
     build_quantized_model,
-    check_attention,
     configure_flex_compile,
     load_trainable_base,
+    resolve_attention,
     resolve_source,
 )
 from qlora_exp.precision import keep_fp32_residual
@@ -53,7 +53,7 @@ def test_lora_config_follows_the_schema(smoke_schema: Config) -> None:
 def test_sdpa_is_refused_for_gemma2_before_weights_load(smoke_schema: Config) -> None:
     smoke_schema.model.attn_implementation = "sdpa"
     with pytest.raises(ConfigError, match="soft-capping"):
-        check_attention(smoke_schema.model, resolve_source(smoke_schema.model))
+        resolve_attention(smoke_schema.model, resolve_source(smoke_schema.model))
 
 
 def test_flex_block_masks_compile_once_for_every_row_length_and_stay_exact() -> None:

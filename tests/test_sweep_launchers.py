@@ -4,15 +4,21 @@ launcher and sweep presets composing as documented."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from qlora_exp.cli.train import CONF_DIR
-from tests.conftest import run_cli, run_cli_in_process
+from qlora_exp.errors import ConfigError
+from qlora_exp.run.directory import HISTORY_FILE
+from qlora_exp.run.gpu_share import choose_jobs_per_gpu
+from tests.conftest import run_cli, run_cli_in_process, train_in_process
 
 # The plugin is in the dev extra (CI runs these tests) and the ray extra.
 RAY = importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None
@@ -101,3 +107,66 @@ def test_two_jobs_as_ray_tasks_on_the_cpu(tmp_path: Path) -> None:
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert len(completed_jobs(sweep_dir)) == 2
     assert "_run_job pid=" in result.stdout + result.stderr  # Ray's worker-prefixed job logs
+
+
+def test_gpu_share_runs_as_many_jobs_as_fit_or_refuses() -> None:
+    h200, peak = 139.8, 21.0  # GiB: an H200, experiments/gemma2_9b_gpu.yaml's measured peak
+    assert choose_jobs_per_gpu(None, peak, h200, overhead_gb=3.0) == 5  # 139.8 // 24
+    assert choose_jobs_per_gpu(4, peak, h200, overhead_gb=3.0) == 4
+    with pytest.raises(ConfigError, match=r"6 job\(s\) of 21 GiB.*need 144.0 GiB.*jobs_per_gpu=5"):
+        choose_jobs_per_gpu(6, peak, h200, overhead_gb=3.0)
+    with pytest.raises(ConfigError, match="a smaller batch or a larger GPU"):
+        choose_jobs_per_gpu(None, 30.0, 24.0)
+    assert choose_jobs_per_gpu(2, None, None) == 2  # the CPU, or an unknown peak: the user's K
+    with pytest.raises(ConfigError, match=r"peak memory is unknown.*hydra\.launcher\.job_memory_gb"):
+        choose_jobs_per_gpu(None, None, h200)
+    with pytest.raises(ConfigError, match=r"no CUDA GPU.*hydra\.launcher\.jobs_per_gpu=K"):
+        choose_jobs_per_gpu(None, peak, None)
+    with pytest.raises(ConfigError, match="jobs_per_gpu must be >= 1"):
+        choose_jobs_per_gpu(0, peak, h200)
+
+
+def test_gpu_share_preset_is_joblib_sized_by_the_experiments_peak_memory() -> None:
+    launcher = hydra_config("hydra/launcher=gpu_share", "experiment=gemma2_9b_gpu").hydra.launcher
+    assert launcher._target_.endswith("GpuShareLauncher")
+    assert launcher.job_memory_gb == 21  # the preset's peak_memory_gb
+    assert launcher.prefer == "processes"  # hydra-joblib-launcher's own settings are kept
+    assert instantiate(launcher, gpu_memory_gb=139.8).joblib["n_jobs"] == 5
+    # Hydra wraps what the launcher raises (InstantiationException), message included.
+    with pytest.raises(InstantiationException, match=r"hydra\.launcher\.jobs_per_gpu=3"):
+        instantiate(launcher, gpu_memory_gb=139.8, n_jobs=3)  # joblib's own knob would bypass the check
+    with pytest.raises(InstantiationException, match="jobs_per_gpu=5"):
+        instantiate(launcher, gpu_memory_gb=139.8, jobs_per_gpu=6)
+
+
+@pytest.mark.slow
+def test_gpu_share_runs_two_jobs_at_once_with_the_losses_of_a_run_alone(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "gpu_share"
+    two_steps = (
+        "experiment=smoke",
+        "trainer.max_steps=2",
+        "trainer.logging_steps=1",
+        "data.synthetic_size=24",
+    )
+    # The sweep's own process in this one; joblib starts the job processes.
+    result = run_cli_in_process(
+        "qlora-train",
+        "-m",
+        *two_steps,
+        "lora.r=4,8",
+        "hydra/launcher=gpu_share",
+        "hydra.launcher.jobs_per_gpu=2",  # no GPU here: K processes on the CPU
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "gpu_share: 2 jobs at once on the CPU" in out and "Joblib.Parallel(n_jobs=2" in out
+    assert [job.name for job in completed_jobs(sweep_dir)] == ["lora.r=4", "lora.r=8"]
+
+    def losses(run_dir: Path) -> list[float]:
+        history = json.loads((run_dir / HISTORY_FILE).read_text(encoding="utf-8"))
+        return [entry["loss"] for entry in history if "loss" in entry]
+
+    alone = tmp_path / "alone"
+    train_in_process(alone, *two_steps, "lora.r=8")
+    assert losses(sweep_dir / "lora.r=8") == losses(alone) and len(losses(alone)) == 2

@@ -25,14 +25,13 @@ from transformers import (
     Trainer,
     set_seed,
 )
-from transformers.integrations.liger import apply_liger_kernel
 
 from qlora_exp.bench.options import BenchOptions
 from qlora_exp.bench.recorder import StepRecorder
 from qlora_exp.bench.settings import Setting
 from qlora_exp.data.packing import FlatteningCollator, build_collator
-from qlora_exp.model import attach_lora, load_trainable_base
-from qlora_exp.moe.experts import liger_kernel_config
+from qlora_exp.model import apply_liger, attach_lora, load_trainable_base
+from qlora_exp.multimodal import attention_implementations
 from qlora_exp.precision import resolve_compute_dtype, set_unquantized_precision
 from qlora_exp.schema import LoraConfig, ModelConfig, TrainerConfig
 from qlora_exp.training import build_training_arguments, peak_memory
@@ -154,7 +153,7 @@ def prepare_base(base: PreTrainedModel, setting: Setting, compute_dtype: str) ->
     Unquantized params go to fp32 (peft's default) or the compute dtype; the cast is lossless both ways
     because the checkpoint holds them in the compute dtype. Liger cannot be undone (order_settings).
     """
-    base.set_attn_implementation(setting.attn_implementation)
+    base.set_attn_implementation(attention_implementations(base.config, setting.attn_implementation))
     hooks = set_unquantized_precision(
         base,
         upcast=setting.upcast_unquantized_params,
@@ -162,7 +161,7 @@ def prepare_base(base: PreTrainedModel, setting: Setting, compute_dtype: str) ->
         compute_dtype=resolve_compute_dtype(compute_dtype),
     )
     if setting.use_liger_kernel:
-        apply_liger_kernel(base, liger_kernel_config(base))
+        apply_liger(base)
     return hooks
 
 

@@ -16,12 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from qlora_exp.experiment import run_job
 from qlora_exp.run.context import RunContext
 from qlora_exp.run.distributed import run_stamp
+from qlora_exp.run.gpu_share import register_gpu_share_launcher
 from qlora_exp.run.resume import register_resolvers
 from qlora_exp.run.sweep import JobFailure, register_sweep_configs, split_job_overrides
 from qlora_exp.schema import CONF_DIR, register_configs
 
 register_sweep_configs()
 register_configs()
+register_gpu_share_launcher()
 OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
 register_resolvers()
 

@@ -22,7 +22,7 @@ from typing import Any
 from datasets import Dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from qlora_exp.cache import cache_root
+from qlora_exp.cache import cache_root, content_key
 from qlora_exp.data.formats import Conversation
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def cache_key(**parts: Any) -> str:
     """sha256 of the parts as canonical JSON, with the cache version."""
-    payload = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return content_key(version=CACHE_VERSION, **parts)
 
 
 def entry_dir(key: str) -> Path:

@@ -173,6 +173,7 @@ class DataModule:
         self.train_conversations: list[Conversation] = []
         self.val_conversations: list[Conversation] = []
         self.fingerprint = ""
+        self.cache_key = ""  # what the tokenized result depends on (data/cache.py), set by setup()
 
     def setup(self) -> None:
         """Load, normalise, sample, split, tokenize and pack (or reuse the cached result of that)."""
@@ -190,6 +191,7 @@ class DataModule:
             batch_size=self.batch_size,
             preference=self.preference,
         )
+        self.cache_key = key
         entry = load_entry(key) if self.cfg.cache else None
         cache_hit = entry is not None
         if entry is None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from qlora_exp.cache import cache_root
+from qlora_exp.cache import EMBEDDED_DIR, cache_root
 from qlora_exp.embedded.families import EMBEDDED_MODELS
 from qlora_exp.embedded.registry import EmbeddedModel, TokenIds
 from qlora_exp.embedded.tokenizer import train_tokenizer
@@ -41,7 +41,7 @@ def resolve_embedded(name_or_path: str) -> Path:
             f"model.name_or_path: unknown embedded model {name!r}. Fix: use one of "
             + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
         )
-    target = cache_root() / "embedded" / f"{name}-v{BUILDER_VERSION}"
+    target = cache_root() / EMBEDDED_DIR / f"{name}-v{BUILDER_VERSION}"
     if not (target / "config.json").is_file():
         build_checkpoint(name, target)
     return target

@@ -10,13 +10,13 @@ import re
 import socket
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from qlora_exp.cache import library_versions
 from qlora_exp.errors import RequeuedExit, RunDirectoryError
 from qlora_exp.run.distributed import is_main_process
 
@@ -108,13 +108,7 @@ def _git_state(repo: Path) -> dict[str, Any]:
 
 
 def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return library_versions(TRACKED_PACKAGES)
 
 
 def _device() -> dict[str, Any]:

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from qlora_exp.errors import ConfigError, RunDirectoryError
-from qlora_exp.model import check_attention, load_quantized_base, resolve_source
+from qlora_exp.model import load_quantized_base, resolve_attention, resolve_source
 from qlora_exp.moe.lora import load_adapter
 from qlora_exp.multimodal import auto_model_class
 from qlora_exp.run.directory import ADAPTER_DIR, COMPLETED, FAILED, RESOLVED_CONFIG, TOKENIZER_DIR
@@ -76,7 +76,7 @@ class FinishedRun:
         """Base model in `dtype` (not quantized), with the run's adapter: what a merge starts from."""
         cfg = self.config.model
         source = resolve_source(cfg)
-        check_attention(cfg, source)
+        attention = resolve_attention(cfg, source)
         config = AutoConfig.from_pretrained(
             source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
@@ -85,7 +85,7 @@ class FinishedRun:
             source,
             revision=cfg.revision,
             dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=attention,
             trust_remote_code=cfg.trust_remote_code,
         )
         return load_adapter(base, self.path / ADAPTER_DIR).eval()

@@ -33,6 +33,9 @@ SAFE_TO_CHANGE = (
     "trainer.nan_guard_patience",
     "trainer.per_device_eval_batch_size",
     "trainer.dataloader_num_workers",
+    "baseline_cache",  # where the step-0 evaluation comes from, not its value
+    "model.compile_cache",  # where compiled kernels are kept
+    "peak_memory_gb",  # what a launcher expects, not what runs
 )
 
 

@@ -20,6 +20,8 @@ class ModelConfig:
     name_or_path: str = MISSING
     revision: str | None = None
     trust_remote_code: bool = False
+    # The language model's attention. A multimodal checkpoint's vision/audio towers take eager, which
+    # every tower has and text-only training never runs (qlora_exp/multimodal.py).
     attn_implementation: str = "eager"
     load_in_4bit: bool = True
     bnb_4bit_quant_type: str = "nf4"
@@ -48,6 +50,10 @@ class ModelConfig:
     # with the model's own coefficient, or router_aux_loss_coef when given.
     router_aux_loss: bool = False
     router_aux_loss_coef: float | None = None
+    # torch.compile's caches (compiled flex attention, Triton kernels) under
+    # $QLORA_EXP_CACHE/compile/, one directory per torch/Triton/transformers/... version, so that a
+    # sweep's later jobs load what its first job compiled (qlora_exp/cache.py). false: torch's defaults.
+    compile_cache: bool = True
 
     def __post_init__(self) -> None:
         require(bool(self.name_or_path), "model.name_or_path", "is empty", "name a hub id or a local dir")

@@ -39,9 +39,21 @@ class Config:
     # hydra.run.dir=RUN_DIR does the same. A changed config that matters is refused unless forced.
     resume: str | None = None
     resume_force: bool = False
+    # Share the untrained model's evaluation and greedy held-out generations between runs that would
+    # compute exactly the same ones, e.g. a rank x learning-rate sweep's jobs (qlora_exp/baseline.py).
+    baseline_cache: bool = True
+    # This run's peak GPU memory in GiB as measured (metrics.json's peak_memory_gb), when known: how
+    # hydra/launcher=gpu_share sizes the jobs sharing one GPU. A run that peaks higher warns.
+    peak_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}", "use e.g. seed=42")
+        require(
+            self.peak_memory_gb is None or self.peak_memory_gb > 0,
+            "peak_memory_gb",
+            f"must be positive, got {self.peak_memory_gb}",
+            "use a run's measured peak_memory_gb (metrics.json), or null",
+        )
         require(
             not self.eval.samples_every_eval or self.trainer.eval_steps > 0,
             "eval.samples_every_eval",
