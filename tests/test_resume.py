@@ -81,7 +81,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for name, value in ENV_CANARIES.items():
             env.setenv(name, value)
         result = run_cli_in_process(
-            "qlora-train", *TINY, "tracking=wandb", f"hydra.run.dir={run_dir}", f"+hub_token={OVERRIDE_CANARY}"
+            "qlora-train",
+            *TINY,
+            "tracking=wandb",
+            f"hydra.run.dir={run_dir}",
+            f"+hub_token={OVERRIDE_CANARY}",
         )
     assert result.returncode == 0, result.stdout + result.stderr
     (run_dir / "cli_output.txt").write_text(result.stdout + result.stderr)
