@@ -7,9 +7,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
-# pytest-xdist: a worker per core (at most 4: each holds its own torch and models), idle workers take
-# queued tests from busy ones. TEST_WORKERS= (empty) runs the suite in one process.
-TEST_WORKERS ?= -n auto --maxprocesses=4 --dist worksteal
+# pytest-xdist: a worker per core (at most 4: each holds its own torch and models), each given the next
+# test (or xdist_group of tests sharing an expensive fixture) in collection order, end-to-end tests
+# first (tests/conftest.py). TEST_WORKERS= (empty) runs the suite in one process.
+TEST_WORKERS ?= -n auto --maxprocesses=4 --dist loadgroup --no-loadscope-reorder
 
 NPROC ?= 2
 

@@ -58,8 +58,9 @@ TINY_RUN = (
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """End-to-end (`slow`) tests first, each file's tests still in their order: `make test` runs the
-    suite on every core (`pytest -n auto --dist worksteal`), and with the long tests started first
-    the short ones fill the gaps instead of one long test ending the run alone."""
+    suite on every core (`pytest -n auto --dist loadgroup`, each worker given the next test in this
+    order), and with the long tests started first the short ones fill the gaps instead of one long
+    test ending the run alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

@@ -22,7 +22,8 @@ from qlora_exp.errors import ExitCode
 from qlora_exp.training import build_trainer
 from tests.conftest import REPO, TINY_RUN, run_cli_in_process, train_in_process
 
-pytestmark = pytest.mark.slow
+# One worker runs the module: three tests compare against one reference run (module fixture).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume_reference")]
 
 TINY = TINY_RUN
 ENV_CANARIES = {"HF_TOKEN": "hf_canaryEnvToken4821", "WANDB_API_KEY": "canaryWandbKey7731aa"}

@@ -17,7 +17,8 @@ from qlora_exp.cli.compare import main as compare_main
 from qlora_exp.errors import ExitCode
 from tests.conftest import CliResult, model_artifacts, run_cli_in_process, wandb_records
 
-pytestmark = pytest.mark.slow
+# One worker runs the module: its tests share one grid sweep (module fixture).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("grid_sweep")]
 
 Sweep = tuple[Path, CliResult]
 GRID = ("experiment=smoke", "trainer.max_steps=2", "lora.r=4,8", "trainer.learning_rate=1e-3,2e-3")
