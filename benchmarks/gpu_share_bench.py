@@ -38,7 +38,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from qlora_exp.bench import measure
-from qlora_exp.bench.data import bench_dataset
+from qlora_exp.bench.data import run_dataset
 from qlora_exp.bench.measure import Shared, load_shared_base, plan_steps, run_setting
 from qlora_exp.bench.options import BENCH_MODELS, BenchOptions, parse_options
 from qlora_exp.bench.run import compose_model_section
@@ -125,14 +125,7 @@ def worker(index: int, max_k: int, out: Path, bench_args: list[str]) -> None:
     out_dir = options.out or out
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_cfg)
-    dataset, _ = bench_dataset(
-        options.data,
-        tokenizer,
-        options.steps_max * options.examples_per_step,
-        seed=options.seed,
-        out_dir=out_dir,
-        max_length=options.max_length,
-    )
+    dataset, _ = run_dataset(options, tokenizer, out_dir)
     base = load_shared_base(model_cfg, setting.attn_implementation)
     shared = Shared(base, tokenizer, dataset, lora_cfg, model_cfg.bnb_4bit_compute_dtype, options, out_dir)
     warmup = plan_steps(setting, options).warmup_steps

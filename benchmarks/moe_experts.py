@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from qlora_exp.bench.data import bench_dataset
+from qlora_exp.bench.data import run_dataset
 from qlora_exp.bench.measure import SettingResult, Shared, free_memory, load_shared_base, run_setting
 from qlora_exp.bench.options import BenchOptions
 from qlora_exp.bench.report import versions
@@ -117,14 +117,7 @@ def main() -> None:
         out=args.out,
     )
     tokenizer = load_tokenizer(preset)
-    dataset, data_stats = bench_dataset(
-        args.data,
-        tokenizer,
-        options.steps_max * options.examples_per_step,
-        seed=args.seed,
-        out_dir=args.out,
-        max_length=args.max_length,
-    )
+    dataset, data_stats = run_dataset(options, tokenizer, args.out)
     report: dict[str, Any] = {
         "meta": {**vars(args), "out": str(args.out), "data": data_stats},
         "variants": {},

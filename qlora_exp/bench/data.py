@@ -11,6 +11,7 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from qlora_exp.bench.options import BenchOptions
 from qlora_exp.data.module import IGNORE_INDEX, DataModule
 from qlora_exp.data.synthetic import generate_synthetic_examples
 from qlora_exp.errors import ConfigError
@@ -91,3 +92,17 @@ def bench_dataset(
         "label_tokens": sum(sum(1 for t in labels if t != IGNORE_INDEX) for labels in subset["labels"]),
     }
     return subset, stats
+
+
+def run_dataset(
+    options: BenchOptions, tokenizer: PreTrainedTokenizerBase, out_dir: Path
+) -> tuple[Dataset, dict[str, Any]]:
+    """The examples a bench run's settings train on: enough for its longest setting (`bench_dataset`)."""
+    return bench_dataset(
+        options.data,
+        tokenizer,
+        options.steps_max * options.examples_per_step,
+        seed=options.seed,
+        out_dir=out_dir,
+        max_length=options.max_length,
+    )

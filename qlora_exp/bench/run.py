@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 
-from qlora_exp.bench.data import bench_dataset
+from qlora_exp.bench.data import run_dataset
 from qlora_exp.bench.measure import (
     FLOP_FORMULA,
     SettingResult,
@@ -91,14 +91,7 @@ def run_bench(options: BenchOptions, command: str) -> list[SettingResult]:
     )
     out_dir = output_dir(options)
     tokenizer = load_tokenizer(model_cfg)
-    dataset, data_stats = bench_dataset(
-        options.data,
-        tokenizer,
-        options.steps_max * options.examples_per_step,
-        seed=options.seed,
-        out_dir=out_dir,
-        max_length=options.max_length,
-    )
+    dataset, data_stats = run_dataset(options, tokenizer, out_dir)
     started = time.perf_counter()
     base = load_shared_base(model_cfg, settings[0].attn_implementation)
     log.info("model loaded in %.0f s", time.perf_counter() - started)
