@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import IntEnum
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class ExitCode(IntEnum):
@@ -85,9 +90,20 @@ class RequeuedExit(SystemExit):
 
 def exit_code_for(exc: BaseException) -> ExitCode:
     """The documented exit code a failure ends a command with: every console script maps through
-    this one function (`qlora-train` via `experiment.run_job`, the others via `cli.common.exit_on_error`)."""
+    this one function (`qlora-train` via `experiment.run_job`, the others via `exit_on_error`)."""
     if isinstance(exc, QloraError):
         return exc.exit_code
     if isinstance(exc, torch.OutOfMemoryError):
         return ExitCode.OUT_OF_MEMORY
     return ExitCode.OTHER
+
+
+@contextmanager
+def exit_on_error() -> Iterator[None]:
+    """End a failure we understand (a QloraError, CUDA out of memory) with its documented exit code
+    (`exit_code_for`) and a one-line message; anything else propagates with its traceback."""
+    try:
+        yield
+    except (QloraError, torch.OutOfMemoryError) as exc:
+        log.error("%s", exc)
+        raise SystemExit(exit_code_for(exc)) from exc

@@ -7,7 +7,7 @@ import sys
 
 from qlora_exp.bench.options import parse_options
 from qlora_exp.bench.run import run_bench
-from qlora_exp.cli.common import exit_on_error
+from qlora_exp.errors import exit_on_error
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,8 +20,9 @@ import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase, TextStreamer, set_seed
 
-from qlora_exp.cli.common import configure_cli_logging, exit_on_error
+from qlora_exp.cli.common import configure_cli_logging
 from qlora_exp.cli.generate import add_decoding_arguments, decoding_config
+from qlora_exp.errors import exit_on_error
 from qlora_exp.generation import GenerativeModel, Message, generate_replies, prompt_token_ids
 from qlora_exp.run.finished import FinishedRun
 from qlora_exp.schema import EvalConfig

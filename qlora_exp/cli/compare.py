@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from qlora_exp.cli.common import configure_cli_logging, exit_on_error
+from qlora_exp.cli.common import configure_cli_logging
 from qlora_exp.comparison.jobs import RunDiff, diff_runs
 from qlora_exp.comparison.table import Comparison, build_comparison, write_comparison
 from qlora_exp.comparison.wandb_run import log_comparison_run
+from qlora_exp.errors import exit_on_error
 from qlora_exp.run.sweep import find_job_dirs
 
 DEFAULT_METRIC = "eval_loss"

@@ -18,8 +18,8 @@ from typing import Any
 
 from transformers import set_seed
 
-from qlora_exp.cli.common import configure_cli_logging, exit_on_error
-from qlora_exp.errors import DataError
+from qlora_exp.cli.common import configure_cli_logging
+from qlora_exp.errors import DataError, exit_on_error
 from qlora_exp.generation import Message, generate_replies
 from qlora_exp.run.finished import FinishedRun
 from qlora_exp.schema import EvalConfig

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from qlora_exp.cli.common import configure_cli_logging, exit_on_error
-from qlora_exp.errors import RunDirectoryError
+from qlora_exp.cli.common import configure_cli_logging
+from qlora_exp.errors import RunDirectoryError, exit_on_error
 from qlora_exp.run.finished import FinishedRun
 
 log = logging.getLogger(__name__)

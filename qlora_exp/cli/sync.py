@@ -10,8 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from qlora_exp.cli.common import configure_cli_logging, exit_on_error
-from qlora_exp.errors import SyncError
+from qlora_exp.cli.common import configure_cli_logging
+from qlora_exp.errors import SyncError, exit_on_error
 from qlora_exp.run.offline_runs import find_offline_runs, sync_command, sync_runs
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,7 @@ from hydra.core.utils import configure_log
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from qlora_exp.cli.common import exit_on_error
-from qlora_exp.errors import ConfigError, ExitCode
+from qlora_exp.errors import ConfigError, ExitCode, exit_on_error
 from qlora_exp.run.context import RunContext
 from qlora_exp.run.directory import (
     COMPLETED,
