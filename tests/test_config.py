@@ -51,7 +51,7 @@ GROUP_SCHEMAS = {
 }
 # All that the default presets (model=tiny, lora=default, data=synthetic, trainer=default, method=sft,
 # tracking=wandb) change from the dataclass defaults. Any other difference is a default kept in two places.
-DEFAULT_PRESET_CHANGES = {"model": {"name_or_path": "embedded:tiny-gemma2", "gradient_checkpointing": False}}
+DEFAULT_PRESET_CHANGES = {"model": {"name_or_path": "embedded:tiny-gemma2"}}
 # Preset values equal to the schema's default on purpose: pinned against a change of that default.
 PINNED_REPEATS = {("model/tiny", "attn_implementation")}
 
