@@ -26,6 +26,7 @@ from transformers import (
 
 from qlora_exp.cli.merge import merge_run
 from qlora_exp.embedded import resolve_embedded
+from qlora_exp.embedded.families import TINY_GEMMA4_TOWERS
 from qlora_exp.errors import ConfigError
 from qlora_exp.generation import generate_replies
 from qlora_exp.model import (
@@ -121,14 +122,8 @@ def tiny_gemma4_moe() -> PreTrainedModel:
         top_k_experts=2,
         moe_intermediate_size=32,
     )
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-    }
+    # The embedded tiny Gemma-4's vision tower (its audio tower is left out: 26B-A4B has none).
+    vision = TINY_GEMMA4_TOWERS["vision_config"]
     return Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=vision))
 
 

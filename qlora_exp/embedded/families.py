@@ -276,7 +276,7 @@ _TINY_SIGLIP = {
     },
     "mm_tokens_per_image": 4,
 }
-_TINY_GEMMA4_TOWERS = {
+TINY_GEMMA4_TOWERS = {
     "vision_config": {
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -349,7 +349,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
                 "hidden_size_per_layer_input": 16,
                 "num_kv_shared_layers": 2,
             },
-            sub_configs=_TINY_GEMMA4_TOWERS,
+            sub_configs=TINY_GEMMA4_TOWERS,
         ),
     ),
     "tiny-qwen3": EmbeddedModel(QWEN3, Shape(**_TINY, options={"tie_word_embeddings": True})),
