@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import torch
 from transformers import Trainer
 
 from qlora_exp.cache import cache_root, content_key, library_versions, read_json_entry, write_json_entry
+from qlora_exp.rng import isolated_rng
 from qlora_exp.run.directory import TRACKED_PACKAGES
 from qlora_exp.run.distributed import world_size
 from qlora_exp.schema import Config, to_plain_dict
@@ -118,16 +117,6 @@ def baseline_cache(cfg: Config, data_key: str) -> BaselineCache | None:
         device=device_fingerprint(),
     )
     return BaselineCache(cache_root() / BASELINE_DIR / key)
-
-
-@contextmanager
-def isolated_rng() -> Iterator[None]:
-    """torch's CPU and current-GPU random states restored afterwards: training draws the same numbers
-    (data order, dropout) whether the step-0 evaluation ran or came from the cache (creating its
-    DataLoader draws a seed from the global generator)."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 class BaselineEvaluationMixin:

@@ -33,11 +33,12 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from qlora_exp.baseline import GENERATIONS, BaselineCache, isolated_rng
+from qlora_exp.baseline import GENERATIONS, BaselineCache
 from qlora_exp.data.formats import Conversation, Message
 from qlora_exp.data.module import DataModule
 from qlora_exp.data.tokenization import raw_turn_ids, split_raw_text
 from qlora_exp.multimodal import attention_implementations
+from qlora_exp.rng import isolated_rng
 from qlora_exp.run.directory import SAMPLES_FILE
 from qlora_exp.schema import EvalConfig
 from qlora_exp.tracking import Tracker

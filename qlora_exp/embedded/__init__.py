@@ -13,7 +13,6 @@ from qlora_exp.embedded.builder import (
     EMBEDDED_PREFIX,
     build_checkpoint,
     is_embedded,
-    isolated_rng,
     resolve_embedded,
 )
 from qlora_exp.embedded.families import EMBEDDED_MODELS
@@ -31,7 +30,6 @@ __all__ = [
     "TokenIds",
     "build_checkpoint",
     "is_embedded",
-    "isolated_rng",
     "resolve_embedded",
     "train_tokenizer",
 ]

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import GenerationConfig
 
@@ -19,6 +15,7 @@ from qlora_exp.embedded.families import EMBEDDED_MODELS
 from qlora_exp.embedded.registry import EmbeddedModel, TokenIds
 from qlora_exp.embedded.tokenizer import train_tokenizer
 from qlora_exp.errors import ConfigError
+from qlora_exp.rng import isolated_rng
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +44,6 @@ def resolve_embedded(name_or_path: str) -> Path:
     return target
 
 
-@contextmanager
-def isolated_rng(cuda: bool) -> Iterator[None]:
-    """Python's, NumPy's and torch's generators restored on exit, whatever ran inside.
-
-    The builder seeds its own weights, but it runs inside a training process on a cold cache,
-    after `set_seed(seed)`: without this, the first run on a machine would initialise LoRA and
-    draw dropout from other random numbers than every later run with the same seed.
-    """
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = [torch.cuda.current_device()] if cuda else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-
-
 def build_checkpoint(name: str, target: Path) -> None:
     """Build `name` with seeded random weights and save it atomically to `target`; the caller's
     random generators are left as they were."""
@@ -72,7 +51,7 @@ def build_checkpoint(name: str, target: Path) -> None:
     # Full-size shapes are initialised in bf16 on the GPU when there is one: seconds, where the
     # CPU takes minutes for 9B parameters. Benchmarks need the shape, not particular values.
     device = "cuda" if model.shape.full_size and torch.cuda.is_available() else "cpu"
-    with isolated_rng(cuda=device == "cuda"):
+    with isolated_rng():
         _build(name, model, target, device)
 
 
