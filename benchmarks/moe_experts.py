@@ -63,6 +63,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--optim", default="paged_adamw_8bit" if gpu else "adamw_torch")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--attn",
+        default=None,
+        help="attention implementation in place of the preset's (model.attn_implementation), both variants",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one extra step of experts_4bit after its timed ones (OUT/profile_defaults.txt)",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/moe_experts"))
     return parser.parse_args()
 
@@ -99,6 +109,8 @@ def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     preset, lora_cfg = compose_model_section(args.preset, args.model)
+    if args.attn:
+        preset = replace(preset, attn_implementation=args.attn)
     options = BenchOptions(
         model=args.preset,
         data=args.data,
@@ -112,7 +124,7 @@ def main() -> None:
         learning_rate=args.learning_rate,
         optim=args.optim,
         peak_tflops=0.0,  # no MFU: the bench's formula counts every parameter, a MoE activates few
-        profile=None,
+        profile="defaults" if args.profile else None,  # the 4-bit variant's only (below)
         seed=args.seed,
         out=args.out,
     )
@@ -138,8 +150,9 @@ def main() -> None:
             if torch.cuda.is_available()
             else sum(p.numel() * p.element_size() for p in base.parameters()) / 2**30
         )
+        variant_options = replace(options, profile=None) if name == REFERENCE else options
         shared = Shared(
-            base, tokenizer, dataset, lora_cfg, model_cfg.bnb_4bit_compute_dtype, options, args.out
+            base, tokenizer, dataset, lora_cfg, model_cfg.bnb_4bit_compute_dtype, variant_options, args.out
         )
         result = run_setting(setting, shared)
         del base, shared

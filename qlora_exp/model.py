@@ -5,23 +5,20 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import bitsandbytes as bnb
 import peft
 import torch
-from torch.nn.attention.flex_attention import BlockMask
 from transformers import (
     AutoConfig,
     AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    masking_utils,
 )
 from transformers.integrations.liger import apply_liger_kernel
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from qlora_exp.attention import configure_flex_compile, flex_attention_trains_here
 from qlora_exp.cache import configure_compile_cache
 from qlora_exp.embedded import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
@@ -91,7 +88,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def resolve_attention(cfg: ModelConfig, source: str) -> str | dict[str, str]:
     """transformers' `attn_implementation` for `source`: `model.attn_implementation` for the language
     model, towers as `multimodal.attention_implementations` says; refuses an implementation that is
-    wrong for the architecture, before weights load."""
+    wrong for the architecture, before weights load. Flex attention becomes eager (exact, soft-cap
+    kept) where it cannot train: flex attention has no backward on the CPU."""
     config = AutoConfig.from_pretrained(
         source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
@@ -100,39 +98,14 @@ def resolve_attention(cfg: ModelConfig, source: str) -> str | dict[str, str]:
             f"model.attn_implementation: sdpa drops {config.model_type}'s attention-logit soft-capping. "
             "Fix: use eager, flex_attention or flash_attention_2 (>= 2.6)"
         )
-    return attention_implementations(config, cfg.attn_implementation)
-
-
-# torch.compile's default limit is 8 compiles per function. Compiled flex attention needs one per
-# mask kind (Gemma-2 alternates sliding-window and full layers), grad mode (training, evaluation)
-# and static/dynamic shape: 8 already, and a 9th would fall back to uncompiled flex attention, which
-# fails in backward (seen on an H200: BENCHMARKS.md). Shapes are dynamic after the second, so the
-# count is bounded; this leaves room for it.
-FLEX_RECOMPILE_LIMIT = 64
-
-
-def _dynamic_flex_attention_mask(*args: Any, **kwargs: Any) -> BlockMask:
-    """transformers' flex block mask, compiled for symbolic row lengths (`configure_flex_compile`)."""
-    with torch._dynamo.config.patch(assume_static_by_default=False):
-        return masking_utils.flex_attention_mask(*args, **kwargs)
-
-
-def configure_flex_compile() -> None:
-    """Set up how compiled flex attention compiles, for any model that uses it. Idempotent.
-
-    Block masks: transformers builds each with `create_block_mask(..., _compile=True)` and offers no
-    switch for how it compiles, so this replaces the "flex_attention" entry of its mask registry
-    (the extension point transformers provides) with the same function under a dynamic-shape
-    compile. Two gains: one compile serves every row length instead of a static compile then a
-    dynamic recompile; and before torch 2.13, a static compile lowers the mask's stable argsort to
-    a Triton sort whose first compile takes many minutes once a row spans more than 64 blocks of
-    128 tokens (pytorch/pytorch#182060; an H200 with torch 2.11 stalled on it, BENCHMARKS.md),
-    while with a symbolic length inductor leaves the argsort to ATen.
-
-    Recompiles: raises torch.compile's per-function limit to FLEX_RECOMPILE_LIMIT (see there).
-    """
-    ALL_MASK_ATTENTION_FUNCTIONS.register("flex_attention", _dynamic_flex_attention_mask)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+    implementation = cfg.attn_implementation
+    if implementation == "flex_attention" and not flex_attention_trains_here():
+        log.warning(
+            "model.attn_implementation=flex_attention: no CUDA GPU, and flex attention has no backward "
+            "on the CPU; eager attention instead (same results, slower)"
+        )
+        implementation = "eager"
+    return attention_implementations(config, implementation)
 
 
 # bitsandbytes' Linear4bit switch for its CPU repacking (an internal attribute, set in its __init__

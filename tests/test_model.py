@@ -7,15 +7,7 @@ from dataclasses import replace
 import bitsandbytes as bnb
 import pytest
 import torch
-from torch._dynamo.utils import counters
-from torch.nn.attention.flex_attention import create_block_mask
 from transformers import AutoTokenizer
-from transformers.masking_utils import (
-    ALL_MASK_ATTENTION_FUNCTIONS,
-    and_masks,
-    causal_mask_function,
-    packed_sequence_mask_function,
-)
 
 from qlora_exp.errors import ConfigError
 from qlora_exp.model import (
@@ -23,7 +15,6 @@ from qlora_exp.model import (
     build_lora_config,
     build_quantization_config,
     build_quantized_model,
-    configure_flex_compile,
     load_trainable_base,
     resolve_attention,
     resolve_source,
@@ -54,31 +45,6 @@ def test_sdpa_is_refused_for_gemma2_before_weights_load(smoke_schema: Config) ->
     smoke_schema.model.attn_implementation = "sdpa"
     with pytest.raises(ConfigError, match="soft-capping"):
         resolve_attention(smoke_schema.model, resolve_source(smoke_schema.model))
-
-
-def test_flex_block_masks_compile_once_for_every_row_length_and_stay_exact() -> None:
-    # What transformers calls for each forward of a padding-free flex model: the registry's mask.
-    configure_flex_compile()
-    configure_flex_compile()  # idempotent: loading a second model changes nothing
-    torch._dynamo.reset()
-    graphs = counters["stats"]["unique_graphs"]
-    for lengths in ([300, 200, 500], [700, 100, 333, 90], [2000, 1500, 3000]):
-        seq = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
-        mask_mod = and_masks(causal_mask_function, packed_sequence_mask_function(seq))
-        n = seq.shape[1]
-        block_mask = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"](1, n, n, mask_function=mask_mod)
-        exact = create_block_mask(mask_mod, 1, None, n, n, device="cpu", _compile=False)
-        assert torch.equal(block_mask.to_dense(), exact.to_dense())
-    # A static first compile would compile again for the second length (2 graphs, 3 with no
-    # automatic dynamic); a symbolic one serves all three, and leaves the argsort to ATen.
-    assert counters["stats"]["unique_graphs"] - graphs == 1
-
-
-def test_flex_attention_may_compile_for_every_mask_mode_and_shape_kind() -> None:
-    # 2 mask kinds x training/evaluation x static/dynamic = 8 compiles of flex attention: the
-    # default limit (8) leaves no room, and one more falls back to uncompiled flex attention.
-    configure_flex_compile()
-    assert torch._dynamo.config.recompile_limit >= 2 * 2 * 2 * 4
 
 
 def test_adapter_weights_change_while_quantized_base_stays_frozen(smoke_schema: Config) -> None:

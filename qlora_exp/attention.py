@@ -1,0 +1,211 @@
+"""Compiled flex attention: how it compiles, and exact attention for heads it cannot compile.
+
+Flex attention skips the blocks a padding-free row's mask rules out (other examples, beyond a
+sliding window), where SDPA is handed the row's full mask and computes every score: on an H200,
+Gemma-3-4B ran 4.6x faster with it and Qwen3-30B-A3B 3.1x (BENCHMARKS.md). Its Triton kernels hold
+blocks of queries and keys in shared memory, which heads wider than FLEX_MAX_HEAD_DIM overflow on an
+H200 (Gemma-4's 512-wide global heads: the compile fails). For those layers the "flex_attention"
+entry runs `segment_attention` instead: the row cut into the stretches no query sees past (the
+examples of a padding-free row), the stretches stacked as a batch, SDPA with the block mask's own
+mask evaluated on each stretch. Same scores as flex, a batch of examples' attention instead of the
+row's square.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
+from transformers import masking_utils
+from transformers.integrations.flex_attention import flex_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+# torch.compile's default limit is 8 compiles per function. Compiled flex attention needs one per
+# mask kind (Gemma-2 alternates sliding-window and full layers), grad mode (training, evaluation)
+# and static/dynamic shape: 8 already, and a 9th would fall back to uncompiled flex attention, which
+# fails in backward (seen on an H200: BENCHMARKS.md). Shapes are dynamic after the second, so the
+# count is bounded; this leaves room for it.
+FLEX_RECOMPILE_LIMIT = 64
+# Widest head compiled flex attention is given: 256 compiles and runs on an H200 (Gemma-2, Gemma-3);
+# 512 does not fit its shared memory (Gemma-4's global layers, BENCHMARKS.md).
+FLEX_MAX_HEAD_DIM = 256
+# Where a BlockMask keeps its segments, with the (rows, length, device) they were planned for: every
+# wide layer of a forward (and the checkpointed recompute) is handed the same mask object.
+_PLAN_ATTRIBUTE = "_qlora_segment_plan"
+
+
+def _dynamic_flex_attention_mask(*args: Any, **kwargs: Any) -> BlockMask:
+    """transformers' flex block mask, compiled for symbolic row lengths (`configure_flex_compile`)."""
+    with torch._dynamo.config.patch(assume_static_by_default=False):
+        return masking_utils.flex_attention_mask(*args, **kwargs)
+
+
+def configure_flex_compile() -> None:
+    """Set up compiled flex attention for any model that uses it. Idempotent.
+
+    Block masks: transformers builds each with `create_block_mask(..., _compile=True)` and offers no
+    switch for how it compiles, so this replaces the "flex_attention" entry of its mask registry
+    (the extension point transformers provides) with the same function under a dynamic-shape
+    compile. Two gains: one compile serves every row length instead of a static compile then a
+    dynamic recompile; and before torch 2.13, a static compile lowers the mask's stable argsort to
+    a Triton sort whose first compile takes many minutes once a row spans more than 64 blocks of
+    128 tokens (pytorch/pytorch#182060; an H200 with torch 2.11 stalled on it, BENCHMARKS.md),
+    while with a symbolic length inductor leaves the argsort to ATen.
+
+    Attention: the "flex_attention" entry of transformers' attention registry becomes
+    `flex_attention_or_segments` (heads wider than FLEX_MAX_HEAD_DIM off compiled flex).
+
+    Recompiles: raises torch.compile's per-function limit to FLEX_RECOMPILE_LIMIT (see there).
+    """
+    ALL_MASK_ATTENTION_FUNCTIONS.register("flex_attention", _dynamic_flex_attention_mask)
+    ALL_ATTENTION_FUNCTIONS.register("flex_attention", flex_attention_or_segments)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+
+
+def flex_attention_trains_here() -> bool:
+    """Whether flex attention can train on this machine: torch has its backward for CUDA only."""
+    return torch.cuda.is_available()
+
+
+def flex_attention_or_segments(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | BlockMask | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' flex attention, or `segment_attention` for heads too wide to compile."""
+    if query.shape[-1] <= FLEX_MAX_HEAD_DIM or not isinstance(attention_mask, BlockMask):
+        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    for unsupported in ("softcap", "s_aux", "position_bias"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(
+                f"flex attention on {query.shape[-1]}-wide heads with {unsupported}: the wide-head path "
+                "(SDPA per example) does not apply it. Fix: model.attn_implementation=eager"
+            )
+    output = segment_attention(
+        query,
+        key,
+        value,
+        attention_mask,
+        position_ids=kwargs.get("position_ids"),
+        scaling=kwargs.get("scaling"),
+        dropout=kwargs.get("dropout", 0.0),
+    )
+    return output, None
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Stretches of the flattened (rows x length) positions that attend only within themselves.
+
+    `index` (segments, longest) holds each segment's flat positions, `valid` which of them are real
+    (shorter segments are padded with their last position), `mask` (segments, 1, longest, longest)
+    the block mask's own mask on each segment, and `attends` which queries may attend to anything
+    (a query with no key gets 0, as in flex attention).
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    mask: torch.Tensor
+    attends: torch.Tensor
+
+
+def segment_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_mask: BlockMask,
+    *,
+    position_ids: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention of (batch, heads, length, dim) inputs under `block_mask`, as SDPA over segments;
+    returns (batch, length, heads, dim), as transformers' attention functions do."""
+    batch, heads, length, dim = query.shape
+    if key.shape[-2] != length:
+        raise NotImplementedError(
+            f"flex attention on {dim}-wide heads with {key.shape[-2]} keys for {length} queries (a KV "
+            "cache): the wide-head path computes training and evaluation forwards only. "
+            "Fix: generate with eager attention (qlora-generate does)"
+        )
+    shape = (batch, length, query.device)
+    cached: tuple[tuple[int, int, torch.device], SegmentPlan] | None = getattr(
+        block_mask, _PLAN_ATTRIBUTE, None
+    )
+    if cached is not None and cached[0] == shape:
+        plan = cached[1]
+    else:
+        plan = plan_segments(block_mask, position_ids, batch, length, query.device)
+        setattr(block_mask, _PLAN_ATTRIBUTE, (shape, plan))
+
+    def stack(states: torch.Tensor) -> torch.Tensor:  # (batch, h, length, dim) -> (segments, h, longest, dim)
+        flat = states.transpose(1, 2).reshape(batch * length, states.shape[1], dim)
+        return flat[plan.index].transpose(1, 2)
+
+    attended = F.scaled_dot_product_attention(
+        stack(query),
+        stack(key),
+        stack(value),
+        attn_mask=plan.mask,
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=key.shape[1] != heads,
+    )
+    attended = attended.transpose(1, 2) * plan.attends[..., None, None].to(attended.dtype)
+    output = attended.new_zeros(batch * length, heads, dim)
+    output[plan.index[plan.valid]] = attended[plan.valid]
+    return output.view(batch, length, heads, dim)
+
+
+def plan_segments(
+    block_mask: BlockMask,
+    position_ids: torch.Tensor | None,
+    batch: int,
+    length: int,
+    device: torch.device,
+) -> SegmentPlan:
+    """Segments of `block_mask`'s rows: a row's examples where its positions restart (a padding-free
+    row) and the mask keeps them apart, otherwise the whole row."""
+    starts = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    if position_ids is not None and position_ids.shape == (batch, length) and length > 1:
+        restarts = position_ids[:, 1:].to(device) != position_ids[:, :-1].to(device) + 1
+        rows, columns = restarts.nonzero(as_tuple=True)
+        # A restart splits the row only where the mask forbids the first token of an example to see
+        # the token before it; a mask that lets examples see each other keeps them together.
+        apart = ~_mask_at(block_mask, rows, columns + 1, columns)
+        starts[rows[apart], columns[apart] + 1] = True
+    flat_starts = starts.reshape(-1).nonzero().squeeze(1)
+    ends = torch.cat([flat_starts[1:], flat_starts.new_tensor([batch * length])])
+    sizes = ends - flat_starts
+    longest = int(sizes.max())
+    offsets = torch.arange(longest, device=device)
+    valid = offsets[None, :] < sizes[:, None]
+    index = flat_starts[:, None] + torch.minimum(offsets[None, :], sizes[:, None] - 1)
+    rows, positions = index // length, index % length
+    mask = _mask_at(block_mask, rows[:, :, None], positions[:, :, None], positions[:, None, :])
+    mask &= valid[:, :, None] & valid[:, None, :]
+    attends = mask.any(dim=-1)
+    # A query with no key would make SDPA's softmax NaN; it attends to itself and its output is zeroed.
+    mask |= ~attends[:, :, None] & torch.eye(longest, dtype=torch.bool, device=device)
+    return SegmentPlan(index=index, valid=valid, mask=mask[:, None], attends=attends)
+
+
+def _mask_at(
+    block_mask: BlockMask, rows: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor
+) -> torch.Tensor:
+    """The block mask's mask_mod at broadcast (row, query, key) positions (head 0: transformers'
+    masks are the same for every head)."""
+    head = torch.zeros((), dtype=torch.long, device=rows.device)
+    mask_rows = rows if block_mask.kv_num_blocks.shape[0] > 1 else torch.zeros_like(rows)
+    return block_mask.mask_mod(mask_rows, head, queries, keys).expand(
+        torch.broadcast_shapes(rows.shape, queries.shape, keys.shape)
+    )
