@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -40,14 +42,6 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
         text=True,
         env={**os.environ, **(env or {})},
     )
-
-
-def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"run ended before {path} appeared:\n{process.communicate()[0]}"
-        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
-        time.sleep(0.1)
 
 
 def step_history(run_dir: Path) -> list[tuple[int, float, float]]:
@@ -105,20 +99,74 @@ def test_secrets_never_written(reference: Path) -> None:
     assert "+hub_token=<redacted>" in overrides
 
 
-def test_sigterm_checkpoints_exits_75_and_rerun_matches(reference: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    command = (*TINY, "tracking=wandb", f"hydra.run.dir={run_dir}")
-    process = start_cli(*command)
-    wait_for(run_dir / "checkpoints" / "checkpoint-2", process)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 75, output
+def run_dir_of(runs: Path, pid: int) -> Path | None:
+    """The directory under `runs` whose lock names process `pid` ("PID HOST"), once it has claimed one."""
+    for lock in runs.glob("*/.run.lock"):
+        try:
+            owner = lock.read_text().split()  # empty for a moment: the lock is created, then written
+        except FileNotFoundError:  # the other run's, released as it ended
+            continue
+        if owner and int(owner[0]) == pid:
+            return lock.parent
+    return None
+
+
+# What each of the runs started together is sent, once its run directory holds that checkpoint.
+INTERRUPTIONS = {signal.SIGTERM: "checkpoint-2", signal.SIGKILL: "checkpoint-4"}
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    run_dir: Path
+    returncode: int
+    output: str
+
+
+@pytest.fixture(scope="module")
+def interrupted_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[signal.Signals, Interrupted]:
+    """Two runs started together with one run directory pattern (the default's, timestamped, under a
+    temporary directory): one, W&B offline, gets SIGTERM once checkpoint-2 is published; the other
+    SIGKILL once checkpoint-4 is. Each test reads the run of its signal; the processes are started
+    once for the three tests."""
+    runs = tmp_path_factory.mktemp("together") / "runs"
+    pattern = f"hydra.run.dir={runs}/${{now:%H-%M-%S.%f}}"
+    started = {
+        signal.SIGTERM: start_cli(*TINY, "tracking=wandb", pattern),
+        signal.SIGKILL: start_cli(*TINY, pattern),
+    }
+    run_dirs: dict[signal.Signals, Path] = {}
+    waiting = set(started)
+    deadline = time.monotonic() + 300
+    while waiting:
+        for sig in sorted(waiting):
+            process = started[sig]
+            assert process.poll() is None, f"run ended before {sig.name}:\n{process.communicate()[0]}"
+            run_dir = run_dirs.get(sig) or run_dir_of(runs, process.pid)
+            if run_dir is None:
+                continue
+            run_dirs[sig] = run_dir
+            if (run_dir / "checkpoints" / INTERRUPTIONS[sig]).exists():
+                process.send_signal(sig)
+                waiting.remove(sig)
+        assert time.monotonic() < deadline, f"no {INTERRUPTIONS} in {runs} after 300 s"
+        time.sleep(0.1)
+    return {
+        sig: Interrupted(run_dirs[sig], process.wait(timeout=300), process.communicate()[0])
+        for sig, process in started.items()
+    }
+
+
+def test_sigterm_checkpoints_exits_75_and_rerun_matches(
+    reference: Path, interrupted_runs: dict[signal.Signals, Interrupted]
+) -> None:
+    run_dir, returncode, output = astuple(interrupted_runs[signal.SIGTERM])
+    assert returncode == 75, output
     failed = (run_dir / "FAILED").read_text()
     assert "preempted by SIGTERM" in failed
     assert not (run_dir / "adapter").exists()
     run_id = (run_dir / "wandb_run_id.txt").read_text()
 
-    rerun = run_cli_in_process("qlora-train", *command)
+    rerun = run_cli_in_process("qlora-train", *TINY, "tracking=wandb", f"hydra.run.dir={run_dir}")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "resuming" in (run_dir / "train.log").read_text()
     assert_same_result(run_dir, reference)
@@ -127,12 +175,11 @@ def test_sigterm_checkpoints_exits_75_and_rerun_matches(reference: Path, tmp_pat
     assert len(offline_runs) == 2 and all(p.name.endswith(run_id.strip()) for p in offline_runs)
 
 
-def test_sigkill_then_torn_checkpoint_resumes_from_last_complete(reference: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    process = start_cli(*TINY, f"hydra.run.dir={run_dir}")
-    wait_for(run_dir / "checkpoints" / "checkpoint-4", process)
-    process.kill()
-    process.communicate(timeout=60)
+def test_sigkill_then_torn_checkpoint_resumes_from_last_complete(
+    reference: Path, interrupted_runs: dict[signal.Signals, Interrupted]
+) -> None:
+    run_dir, returncode, output = astuple(interrupted_runs[signal.SIGKILL])
+    assert returncode == -signal.SIGKILL, output
     newest = run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # a torn write
 
@@ -191,20 +238,16 @@ def test_the_first_run_on_a_cold_cache_trains_like_the_next(
     assert steps == [(h["step"], h["loss"], h["grad_norm"]) for h in warm if "loss" in h]
 
 
-def test_two_runs_started_together_get_their_own_directories(tmp_path: Path) -> None:
-    # The default run directory's pattern, under tmp_path. Both runs fail fast on a missing data
-    # file, after claiming and writing their run directories.
-    args = (
-        *TINY,
-        "data.source=local",
-        f"data.path={tmp_path / 'missing.jsonl'}",
-        f"hydra.run.dir={tmp_path}/runs/${{now:%H-%M-%S.%f}}",
-    )
-    both = [start_cli(*args) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in both]
-    assert [p.returncode for p in both] == [3, 3], outputs
-    run_dirs = sorted((tmp_path / "runs").iterdir())
-    assert len(run_dirs) == 2
-    for run_dir in run_dirs:
-        assert "DataError" in (run_dir / "FAILED").read_text()
+def test_two_runs_started_together_get_their_own_directories(
+    interrupted_runs: dict[signal.Signals, Interrupted],
+) -> None:
+    # The two runs of `interrupted_runs`: one directory pattern, started at the same moment.
+    term, kill = (interrupted_runs[sig].run_dir for sig in (signal.SIGTERM, signal.SIGKILL))
+    assert term != kill and sorted(term.parent.iterdir()) == sorted([term, kill])
+    for run_dir in (term, kill):
         assert (run_dir / "resolved_config.yaml").is_file()
+    # each wrote only its own run: its own settings, and checkpoints up to where it was stopped
+    assert yaml.safe_load((term / "resolved_config.yaml").read_text())["tracking"]["backend"] == "wandb"
+    assert yaml.safe_load((kill / "resolved_config.yaml").read_text())["tracking"]["backend"] == "none"
+    assert (term / "wandb_run_id.txt").is_file() and not (kill / "wandb_run_id.txt").exists()
+    assert [interrupted_runs[sig].returncode for sig in (signal.SIGTERM, signal.SIGKILL)] == [75, -9]
