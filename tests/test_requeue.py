@@ -1,5 +1,7 @@
 """Preemption and timeout under submitit: the checkpoint is saved at a step boundary, then submitit's
-own handler requeues the job, which resumes in the same job directory from that checkpoint."""
+own handler requeues the job, which resumes in the same job directory from that checkpoint. The
+end-to-end sweep through submitit's local executor (the grid preset's two jobs, one of them
+preempted) is shared with the launcher test that reads its jobs."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ import json
 import os
 import re
 import signal
-import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 from submitit.core.utils import DelayedSubmission, JobPaths
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE, LocalJobEnvironment
@@ -20,7 +24,8 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from qlora_exp.errors import PreemptedError, RequeuedExit
 from qlora_exp.guards import PreemptionCallback, submitit_signal
-from tests.test_resume import start_cli
+from tests.conftest import CliResult, run_cli_in_process
+from tests.test_sweep_launchers import completed_jobs
 
 LAUNCHER_ARGS = (["lora.r=8"], "hydra.sweep.dir", 0, "job_id_for_0", {})
 SIGNALS_TOUCHED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT)  # ours and submitit's
@@ -96,43 +101,94 @@ def test_timed_out_too_often_is_a_preemption_with_a_fix(submitit_job: JobPaths, 
         callback.on_save(args, state, TrainerControl())
 
 
-def wait_for_checkpoint(sweep_dir: Path, sweep: subprocess.Popen[str], timeout: float = 300) -> Path:
-    """The job directory, once its first checkpoint is published (checkpoints appear atomically)."""
+# The sweep of the slow tests below: the grid preset's two jobs through submitit's local executor,
+# long enough (seconds of steps) for the signal to land mid-training in the job it preempts.
+MAX_STEPS = 24
+PREEMPTED = "lora.r=8"
+Sweep = tuple[Path, CliResult]
+
+
+def preempt_after_first_checkpoint(job_dir: Path, sweep_ended: threading.Event, timeout: float = 300) -> None:
+    """Send SIGUSR2 to the job process that runs in `job_dir` (what submitit's `job._interrupt()` and
+    SLURM send) once the job's first checkpoint is published (checkpoints appear atomically)."""
     deadline = time.monotonic() + timeout
-    while not (checkpoints := list(sweep_dir.glob("*/checkpoints/checkpoint-*"))):
-        assert sweep.poll() is None, f"sweep ended before a checkpoint:\n{sweep.communicate()[0]}"
-        assert time.monotonic() < deadline, f"no checkpoint in {sweep_dir} after {timeout} s"
+    while not list(job_dir.glob("checkpoints/checkpoint-*")):
+        assert not sweep_ended.is_set(), f"the sweep ended before a checkpoint in {job_dir}"
+        assert time.monotonic() < deadline, f"no checkpoint in {job_dir} after {timeout} s"
         time.sleep(0.1)
-    return checkpoints[0].parent.parent
+    job_pid = int((job_dir / ".run.lock").read_text().split()[0])  # "PID HOST" of the job's process
+    os.kill(job_pid, signal.SIGUSR2)
+
+
+@pytest.fixture(scope="module")
+def submitit_sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    """`qlora-train -m experiment=[rank_lr_grid,smoke] lora.r=4,8 hydra/launcher=submitit_local`:
+    the sweep's own process is this one, submitit starts a process per job; job lora.r=8 is
+    preempted (SIGUSR2) after its first checkpoint, from a thread, while this one runs the sweep.
+    Both slow tests read this one sweep."""
+    sweep_dir = tmp_path_factory.mktemp("submitit") / "sweep"
+    sweep_ended = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        preempted = pool.submit(preempt_after_first_checkpoint, sweep_dir / PREEMPTED, sweep_ended)
+        try:
+            result = run_cli_in_process(
+                "qlora-train",
+                "-m",
+                "experiment=[rank_lr_grid,smoke]",
+                # The preset's own lists are replaced by the command line's, as in any Hydra sweep.
+                "lora.r=4,8",
+                "trainer.learning_rate=1e-3",
+                "data.synthetic_size=24",
+                "eval.num_samples=0",
+                f"trainer.max_steps={MAX_STEPS}",
+                "trainer.save_steps=2",
+                "hydra/launcher=submitit_local",
+                f"hydra.sweep.dir={sweep_dir}",
+            )
+        finally:
+            sweep_ended.set()
+        preempted.result()  # the signal was sent (or why not)
+    return sweep_dir, result
 
 
 @pytest.mark.slow
-def test_preempted_submitit_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
-    sweep_dir = tmp_path / "sweep"
-    max_steps = 24  # seconds of steps: the signal lands mid-training
-    sweep = start_cli(
-        "-m",
-        "experiment=smoke",
-        "data.synthetic_size=24",
-        "eval.num_samples=0",
-        f"trainer.max_steps={max_steps}",
-        "trainer.save_steps=2",
-        "hydra/launcher=submitit_local",
-        f"hydra.sweep.dir={sweep_dir}",
-    )
-    job_dir = wait_for_checkpoint(sweep_dir, sweep)
-    job_pid = int((job_dir / ".run.lock").read_text().split()[0])  # "PID HOST" of the job's process
-    os.kill(job_pid, signal.SIGUSR2)  # what submitit's `job._interrupt()` and SLURM send
-    output = sweep.communicate(timeout=300)[0]
-    assert sweep.returncode == 0, output[-3000:]
+@pytest.mark.xdist_group("submitit_sweep")  # one worker runs both tests of the shared sweep
+def test_grid_preset_runs_two_jobs_with_submitit_local_executor(
+    submitit_sweep: Sweep,
+) -> None:
+    sweep_dir, result = submitit_sweep
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    jobs = completed_jobs(sweep_dir)
+    # named by what varies, also when the launcher composes each job's config for another process
+    assert [job.name for job in jobs] == ["lora.r=4", "lora.r=8"]
+    assert list((sweep_dir / ".submitit").iterdir())  # the jobs ran through submitit
+    for job in jobs:
+        assert yaml.safe_load((job / "resolved_config.yaml").read_text())["tracking"]["tags"] == [
+            "rank_lr_grid"
+        ]
 
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("submitit_sweep")
+def test_preempted_submitit_job_is_requeued_and_resumes_from_its_checkpoint(
+    submitit_sweep: Sweep,
+) -> None:
+    sweep_dir, result = submitit_sweep
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    job_dir = sweep_dir / PREEMPTED
     assert (job_dir / "COMPLETED").is_file() and not (job_dir / "FAILED").exists()
     # submitit's own log of the job: requeued once by submitit, then started again by its executor
-    submitit_log = "".join(p.read_text() for p in (sweep_dir / ".submitit").glob("*/*_0_log.out"))
+    (submitit_log,) = [
+        text
+        for text in (p.read_text() for p in (sweep_dir / ".submitit").glob("*/*_0_log.out"))
+        if f"run directory: {job_dir}" in text
+    ]
     assert "Requeued job" in submitit_log and submitit_log.count("Starting with JobEnvironment") == 2
     log = (job_dir / "train.log").read_text()
     saved = re.search(
-        r"SIGUSR2: checkpoint saved at step (\d+) of 24; handing over to submitit to requeue the job", log
+        rf"SIGUSR2: checkpoint saved at step (\d+) of {MAX_STEPS}; "
+        r"handing over to submitit to requeue the job",
+        log,
     )
     resumed = re.search(r"resuming .* from .*/checkpoint-(\d+)\n", log)
     assert saved and resumed, log[-3000:]
@@ -140,8 +196,8 @@ def test_preempted_submitit_job_is_requeued_and_resumes_from_its_checkpoint(tmp_
         "run FAILED" not in log and "run requeued by submitit after SIGUSR2: checkpoint saved at step" in log
     )
     step = int(resumed.group(1))
-    assert 0 < step < max_steps and step == int(saved.group(1))
+    assert 0 < step < MAX_STEPS and step == int(saved.group(1))
     # The requeued job trained only the remaining steps: every checkpoint it saved comes later.
     after = [int(s) for s in re.findall(r"saved \(step (\d+)\)", log[resumed.end() :])]
     assert after and min(after) > step
-    assert json.loads((job_dir / "metrics.json").read_text())["train_steps"] == max_steps
+    assert json.loads((job_dir / "metrics.json").read_text())["train_steps"] == MAX_STEPS

@@ -1,5 +1,6 @@
-"""Sweep jobs through Hydra launcher plugins (submitit's local executor, Ray on the CPU), and the
-launcher and sweep presets composing as documented."""
+"""Sweep jobs through Hydra launcher plugins (Ray on the CPU, gpu_share; submitit's local executor in
+test_requeue.py, whose sweep also preempts a job), and the launcher and sweep presets composing as
+documented."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -62,32 +62,6 @@ def test_optuna_preset_stores_its_study_in_the_sweep_dir() -> None:
     assert sweeper.storage == "sqlite:////data/sweeps/s1/optuna.db"
     assert sweeper.study_name == "rank_lr_optuna"
     assert sweeper.sampler._target_.endswith("TPESampler")
-
-
-@pytest.mark.slow
-def test_grid_preset_runs_two_jobs_with_submitit_local_executor(tmp_path: Path) -> None:
-    sweep_dir = tmp_path / "submitit"
-    # The preset's own lists are replaced by the command line's, as in any Hydra sweep.
-    overrides = [o for o in TWO_JOBS if not o.startswith("experiment=")]
-    # The sweep's own process in this one; submitit starts a process per job.
-    result = run_cli_in_process(
-        "qlora-train",
-        "-m",
-        "experiment=[rank_lr_grid,smoke]",
-        *overrides,
-        "trainer.learning_rate=1e-3",
-        "hydra/launcher=submitit_local",
-        f"hydra.sweep.dir={sweep_dir}",
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    jobs = completed_jobs(sweep_dir)
-    # named by what varies, also when the launcher composes each job's config for another process
-    assert [job.name for job in jobs] == ["lora.r=4", "lora.r=8"]
-    assert list((sweep_dir / ".submitit").iterdir())  # the jobs ran through submitit
-    for job in jobs:
-        assert yaml.safe_load((job / "resolved_config.yaml").read_text())["tracking"]["tags"] == [
-            "rank_lr_grid"
-        ]
 
 
 @pytest.mark.slow
