@@ -13,6 +13,7 @@ row's square.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ from transformers import masking_utils
 from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+log = logging.getLogger(__name__)
 
 # torch.compile's default limit is 8 compiles per function. Compiled flex attention needs one per
 # mask kind (Gemma-2 alternates sliding-window and full layers), grad mode (training, evaluation)
@@ -70,6 +73,18 @@ def configure_flex_compile() -> None:
 def flex_attention_trains_here() -> bool:
     """Whether flex attention can train on this machine: torch has its backward for CUDA only."""
     return torch.cuda.is_available()
+
+
+def trainable_attention(implementation: str) -> str:
+    """`implementation`, or eager (exact, soft-cap kept) with a warning for flex attention where it
+    cannot train: every path that loads a model or switches its attention goes through here."""
+    if implementation == "flex_attention" and not flex_attention_trains_here():
+        log.warning(
+            "attention flex_attention: no CUDA GPU, and flex attention has no backward on the CPU; "
+            "eager attention instead (same results, slower)"
+        )
+        return "eager"
+    return implementation
 
 
 def flex_attention_or_segments(

@@ -18,7 +18,7 @@ from transformers import (
 )
 from transformers.integrations.liger import apply_liger_kernel
 
-from qlora_exp.attention import configure_flex_compile, flex_attention_trains_here
+from qlora_exp.attention import configure_flex_compile, trainable_attention
 from qlora_exp.cache import configure_compile_cache
 from qlora_exp.embedded import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
@@ -98,14 +98,7 @@ def resolve_attention(cfg: ModelConfig, source: str) -> str | dict[str, str]:
             f"model.attn_implementation: sdpa drops {config.model_type}'s attention-logit soft-capping. "
             "Fix: use eager, flex_attention or flash_attention_2 (>= 2.6)"
         )
-    implementation = cfg.attn_implementation
-    if implementation == "flex_attention" and not flex_attention_trains_here():
-        log.warning(
-            "model.attn_implementation=flex_attention: no CUDA GPU, and flex attention has no backward "
-            "on the CPU; eager attention instead (same results, slower)"
-        )
-        implementation = "eager"
-    return attention_implementations(config, implementation)
+    return attention_implementations(config, trainable_attention(cfg.attn_implementation))
 
 
 # bitsandbytes' Linear4bit switch for its CPU repacking (an internal attribute, set in its __init__

@@ -23,7 +23,6 @@ from transformers.masking_utils import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qlora_exp import attention
-from qlora_exp import model as model_module
 from qlora_exp.attention import (
     configure_flex_compile,
     flex_attention_or_segments,
@@ -209,7 +208,7 @@ def test_a_gemma4_on_the_wide_head_path_trains_as_on_eager(monkeypatch: pytest.M
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "flex_attention_trains_here", lambda: True)  # as on a GPU
+    monkeypatch.setattr(attention, "flex_attention_trains_here", lambda: True)  # as on a GPU
     monkeypatch.setattr(attention, "FLEX_MAX_HEAD_DIM", 0)
     monkeypatch.setattr(attention, "segment_attention", counted)
     model = build("tiny-gemma4", "flex_attention")
@@ -227,11 +226,11 @@ def test_a_gemma4_on_the_wide_head_path_trains_as_on_eager(monkeypatch: pytest.M
 def test_flex_attention_trains_as_eager_where_it_has_no_backward(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(model_module, "flex_attention_trains_here", lambda: False)  # a CPU-only machine
+    monkeypatch.setattr(attention, "flex_attention_trains_here", lambda: False)  # a CPU-only machine
     schema = to_schema(compose_config("experiment=smoke", "model.attn_implementation=flex_attention"))
-    with caplog.at_level(logging.WARNING, logger="qlora_exp.model"):
+    with caplog.at_level(logging.WARNING, logger="qlora_exp.attention"):
         implementation = resolve_attention(schema.model, resolve_source(schema.model))
     assert implementation == "eager"
     assert "no backward on the CPU" in caplog.text
-    monkeypatch.setattr(model_module, "flex_attention_trains_here", lambda: True)
+    monkeypatch.setattr(attention, "flex_attention_trains_here", lambda: True)
     assert resolve_attention(schema.model, resolve_source(schema.model)) == "flex_attention"

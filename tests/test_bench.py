@@ -16,6 +16,7 @@ from datasets import Dataset
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, set_seed
 
+from qlora_exp import attention
 from qlora_exp.bench.data import bench_dataset
 from qlora_exp.bench.measure import SettingResult, layout_collator, load_shared_base
 from qlora_exp.bench.options import BENCH_MODELS, parse_options
@@ -205,7 +206,10 @@ def test_cast_unquantized_params_round_trips_without_loss() -> None:
 
 
 @pytest.mark.slow
-def test_bench_cli_runs_every_setting_on_identical_data(tmp_path: Path) -> None:
+def test_bench_cli_runs_every_setting_on_identical_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(attention, "flex_attention_trains_here", lambda: False)  # as on any CPU
     out = tmp_path / "bench"
     result = run_cli_in_process(
         "qlora-bench",
@@ -219,13 +223,17 @@ def test_bench_cli_runs_every_setting_on_identical_data(tmp_path: Path) -> None:
             "1",
             "--extra",
             "res32:upcast=0,fp32_residual=1",
+            "--extra",
+            "flex:attn=flex_attention",
         ),
         *("--out", str(out)),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     names = [s["setting"]["name"] for s in report["settings"]]
-    assert names == ["prototype", "baseline", "defaults", "res32"]
+    assert names == ["prototype", "baseline", "defaults", "res32", "flex"]
+    # Flex attention has no backward on the CPU: that row runs, and says it ran, on eager.
+    assert report["settings"][-1]["setting"]["attn_implementation"] == "eager"
     prototype, *others = report["settings"]
     # The prototype takes a step after every example: other optimizer steps, no comparable loss.
     assert prototype["mean_loss_first_k"] is None and len(prototype["step_losses"]) == 2

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedModel
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from qlora_exp import model as model_module
+from qlora_exp import attention
 from qlora_exp.data.packing import FlatteningCollator
 from qlora_exp.fused_loss import fuse_head_and_loss
 from qlora_exp.model import build_quantized_model, resolve_source
@@ -142,7 +142,7 @@ def test_flex_attention_loads_for_the_language_model_beside_a_tower_without_it(
     # fails the load. (Flex's packed-sequence mask is the one SDPA's test below checks, and compiling
     # flex on the CPU takes a minute: loading is what differs.) As on a GPU: on the CPU, flex loads
     # as eager (test_attention.py).
-    monkeypatch.setattr(model_module, "flex_attention_trains_here", lambda: True)
+    monkeypatch.setattr(attention, "flex_attention_trains_here", lambda: True)
     check_attention(build("tiny-gemma4-mm", "flex_attention"), "flex_attention")
 
 

@@ -26,6 +26,7 @@ from transformers import (
     set_seed,
 )
 
+from qlora_exp.attention import trainable_attention
 from qlora_exp.bench.options import BenchOptions
 from qlora_exp.bench.recorder import StepRecorder
 from qlora_exp.bench.settings import Setting
@@ -264,6 +265,8 @@ def run_setting(setting: Setting, shared: Shared) -> SettingResult:
 
     A failure while training is reported in the result (and the exit code), so the next setting runs.
     """
+    # Where flex cannot train (CPU), the setting runs, and is reported, as eager.
+    setting = replace(setting, attn_implementation=trainable_attention(setting.attn_implementation))
     plan = plan_steps(setting, shared.options)
     examples = shared.dataset.select(range(plan.steps * plan.examples_per_step))
     result = SettingResult(
