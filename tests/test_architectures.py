@@ -26,7 +26,7 @@ from qlora_exp.multimodal import auto_model_class, non_text_modules
 from qlora_exp.run.directory import ADAPTER_DIR, METRICS, SAMPLES_FILE
 from qlora_exp.run.finished import FinishedRun
 from qlora_exp.schema import to_schema
-from tests.conftest import TINY_RUN, compose_config, train_in_process
+from tests.support import TINY_RUN, compose_config, train_in_process
 
 # Embedded checkpoint -> the class it declares (and that loading, training and merging keep).
 ARCHITECTURES = {

@@ -32,7 +32,7 @@ from qlora_exp.attention import (
 from qlora_exp.data.packing import FlatteningCollator
 from qlora_exp.model import build_quantized_model, resolve_attention, resolve_source
 from qlora_exp.schema import to_schema
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 MaskMod = Callable[..., torch.Tensor]
 

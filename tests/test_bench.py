@@ -31,7 +31,7 @@ from qlora_exp.model import attach_lora, check_liger, load_tokenizer
 from qlora_exp.precision import cast_unquantized_params
 from qlora_exp.run.directory import TRACKED_PACKAGES
 from qlora_exp.schema import ModelConfig
-from tests.conftest import compose_config, run_cli_in_process
+from tests.support import compose_config, run_cli_in_process
 
 GEMMA = ModelConfig(name_or_path="x", attn_implementation="flex_attention", use_liger_kernel=True)
 

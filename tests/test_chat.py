@@ -13,7 +13,7 @@ import pytest
 from qlora_exp.cli.chat import REPLY_PREFIX, USER_PROMPT, ChatSession, TurnRefused
 from qlora_exp.model import load_tokenizer
 from qlora_exp.schema import EvalConfig, to_schema
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 CHAT = str(Path(sys.executable).parent / "qlora-chat")
 PROMPT = USER_PROMPT.encode()

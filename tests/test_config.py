@@ -21,7 +21,7 @@ from qlora_exp.schema import (
     TrainerConfig,
     to_schema,
 )
-from tests.conftest import REPO, compose_config, run_cli_in_process, train_in_process
+from tests.support import REPO, compose_config, run_cli_in_process, train_in_process
 
 MODEL_PRESETS = [
     "tiny",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qlora_exp.errors import ExitCode
-from tests.conftest import train_in_process
+from tests.support import train_in_process
 
 
 def _messages_file(path: Path, rows: int = 40) -> Path:

@@ -7,7 +7,7 @@ from hydra.errors import HydraException
 
 from qlora_exp.errors import ConfigError
 from qlora_exp.schema import to_schema
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from qlora_exp.data.tokenization import (
     tokenize_conversation,
 )
 from qlora_exp.embedded import resolve_embedded
-from tests.conftest import REPO
+from tests.support import REPO
 
 # Refuses a system turn, as Gemma-2-it's own template does.
 STRICT = (

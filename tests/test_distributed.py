@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.support import REPO, run_cli
 
 
 @pytest.mark.slow

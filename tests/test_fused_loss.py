@@ -19,7 +19,7 @@ from qlora_exp.fused_loss import fuse_head_and_loss
 from qlora_exp.model import build_quantized_model, resolve_source
 from qlora_exp.multimodal import TOWER_ATTN_IMPLEMENTATION
 from qlora_exp.schema import to_schema
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 MULTIMODAL = ("tiny-gemma3-mm", "tiny-gemma4-mm")
 TEXTS = ("What is 2 + 2? It is 4.", "Sort 3, 1, 2: 1, 2, 3", "Name a colour. Blue is one, red another.")

@@ -24,7 +24,7 @@ from qlora_exp.generation import (
 from qlora_exp.model import build_quantized_model, load_tokenizer
 from qlora_exp.schema import EvalConfig, to_schema
 from qlora_exp.training import eval_history, perplexity
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 
 def conversation(question: str, answer: str) -> list[dict[str, str]]:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from qlora_exp.cli import generate
 from qlora_exp.errors import ExitCode
-from tests.conftest import run_cli_in_process, train_in_process
+from tests.support import run_cli_in_process, train_in_process
 
 pytestmark = pytest.mark.slow
 

@@ -47,7 +47,7 @@ from qlora_exp.moe.loading import find_fused_experts
 from qlora_exp.moe.lora import count_trainable_by_kind, target_lora
 from qlora_exp.run.finished import FinishedRun
 from qlora_exp.schema import LoraConfig, ModelConfig
-from tests.conftest import TINY_RUN, train_in_process
+from tests.support import TINY_RUN, train_in_process
 
 TINY_MOE = "embedded:tiny-qwen3-moe"  # Qwen3-MoE: 2 layers, 4 experts of width 32, 2 active, hidden 64
 

@@ -23,12 +23,12 @@ from qlora_exp.model import attach_lora, load_tokenizer
 from qlora_exp.preference import REFERENCE_ADAPTER, PreferenceTrainer, build_preference_trainer
 from qlora_exp.run.finished import FinishedRun
 from qlora_exp.schema import to_schema
-from tests.conftest import TINY_RUN, compose_config, train_in_process
+from tests.support import TINY_RUN, compose_config, train_in_process
 
 # One worker runs the module: its tests read one DPO run (module fixture).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dpo_run")]
 
-# The SFT tiny run's size (tests/conftest.py) on synthetic pairs, 4 steps with a checkpoint every 2.
+# The SFT tiny run's size (tests/support.py) on synthetic pairs, 4 steps with a checkpoint every 2.
 TINY_DPO = ("experiment=dpo_smoke", *TINY_RUN[1:], "trainer.max_steps=4")
 REWARDS = (
     "reward_accuracy",

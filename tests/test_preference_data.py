@@ -24,7 +24,7 @@ from qlora_exp.data.tokenization import OVER_LENGTH
 from qlora_exp.errors import ConfigError, DataError
 from qlora_exp.schema import DataColumnsConfig, DataConfig, to_schema
 from qlora_exp.tracking import TrackingCallback
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 COLUMNS = DataColumnsConfig()
 SKY = [{"role": "user", "content": "What colour is the sky?"}]

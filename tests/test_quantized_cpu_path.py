@@ -20,7 +20,7 @@ from qlora_exp.generation import generate_replies
 from qlora_exp.guards import QuantizedWeightGuard
 from qlora_exp.model import build_quantized_model, packed_weight_layers, quantized_linears, resolve_source
 from qlora_exp.schema import Config, EvalConfig, to_schema
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ from qlora_exp.run.context import RunContext
 from qlora_exp.run.directory import COMPLETED, REDACTED, RunDirectory
 from qlora_exp.run.redaction import SecretLogFilter, redact_hydra_files, scrub
 from qlora_exp.run.resume import changed_settings, prepare_resume
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 
 def make_checkpoint(root: Path, step: int, payload: bytes = b"weights") -> Path:

@@ -24,7 +24,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from qlora_exp.errors import PreemptedError, RequeuedExit
 from qlora_exp.guards import PreemptionCallback, submitit_signal
-from tests.conftest import CliResult, run_cli_in_process
+from tests.support import CliResult, run_cli_in_process
 from tests.test_sweep_launchers import completed_jobs
 
 LAUNCHER_ARGS = (["lora.r=8"], "hydra.sweep.dir", 0, "job_id_for_0", {})

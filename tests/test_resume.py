@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from qlora_exp import experiment
 from qlora_exp.errors import ExitCode
 from qlora_exp.training import build_trainer
-from tests.conftest import REPO, TINY_RUN, run_cli_in_process, train_in_process
+from tests.support import REPO, TINY_RUN, run_cli_in_process, train_in_process
 
 # One worker runs the module: three tests compare against one reference run (module fixture).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume_reference")]

@@ -15,7 +15,7 @@ import yaml
 
 from qlora_exp.cli.compare import main as compare_main
 from qlora_exp.errors import ExitCode
-from tests.conftest import CliResult, model_artifacts, run_cli_in_process, wandb_records
+from tests.support import CliResult, model_artifacts, run_cli_in_process, wandb_records
 
 # One worker runs the module: its tests share one grid sweep (module fixture).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("grid_sweep")]

@@ -18,7 +18,7 @@ from qlora_exp.cli.train import CONF_DIR
 from qlora_exp.errors import ConfigError
 from qlora_exp.run.directory import HISTORY_FILE
 from qlora_exp.run.gpu_share import choose_jobs_per_gpu
-from tests.conftest import run_cli, run_cli_in_process, train_in_process
+from tests.support import run_cli, run_cli_in_process, train_in_process
 
 # The plugin is in the dev extra (CI runs these tests) and the ray extra.
 RAY = importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None

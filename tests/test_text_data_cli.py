@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli_in_process
+from tests.support import run_cli_in_process
 
 
 def _text_rows() -> list[dict[str, object]]:

@@ -12,7 +12,7 @@ import pytest
 from qlora_exp.run.context import RunContext
 from qlora_exp.schema import Config, to_plain_dict, to_schema
 from qlora_exp.tracking import Tracker
-from tests.conftest import compose_config, model_artifacts, wandb_records
+from tests.support import compose_config, model_artifacts, wandb_records
 
 pytestmark = pytest.mark.slow  # each test starts an offline W&B run (seconds)
 

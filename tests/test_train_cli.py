@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from qlora_exp.errors import ExitCode
-from tests.conftest import train_in_process
+from tests.support import train_in_process
 
 RUN_FILES = [
     ".hydra/config.yaml",

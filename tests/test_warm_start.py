@@ -19,7 +19,7 @@ from qlora_exp.baseline import baseline_cache
 from qlora_exp.cache import INDUCTOR_CACHE_ENV, TRITON_CACHE_ENV, configure_compile_cache
 from qlora_exp.run.directory import HISTORY_FILE, METRICS, SAMPLES_FILE
 from qlora_exp.schema import Config
-from tests.conftest import train_in_process
+from tests.support import train_in_process
 
 # Two optimizer steps of the smoke run, every loss logged, held-out samples before and after.
 TWO_STEPS = ("experiment=smoke", "trainer.max_steps=2", "trainer.logging_steps=1", "data.synthetic_size=24")

@@ -1,0 +1,201 @@
+"""Shared test set-up, fixtures and helpers, a pytest plugin that tests/conftest.py loads.
+
+Fixtures: the real composed config, shrunk; the embedded model and tokenizer built once per session;
+runs in-process (`train_in_process`), console scripts called in-process with their arguments
+(`run_cli_in_process`: the same entry point, parsing, Hydra and exit codes, without ~12 s of imports
+per process) and, where the process itself is under test, as real processes (`run_cli`); one
+finished smoke run shared by every test that only reads a run."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from qlora_exp.cli.train import CONF_DIR
+from qlora_exp.embedded import resolve_embedded
+from qlora_exp.experiment import run_job
+from qlora_exp.run.context import RunContext
+from qlora_exp.run.sweep import JobFailure
+from qlora_exp.schema import Config, register_configs, to_schema
+
+REPO = Path(__file__).resolve().parent.parent
+register_configs()
+# One intra-op thread in this process and in every process a test starts (torchrun, the console
+# scripts): on 2 cores, OpenMP's spin-waiting between threads makes the tiny models' steps several
+# times slower, and every run of the suite then computes with the same thread count (runs compared
+# across processes, e.g. a resumed run against an uninterrupted one, stay comparable).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
+# 19 training rows, batch 2, 6 optimizer steps, a checkpoint every 2: seconds per step on a CPU.
+TINY_RUN = (
+    "experiment=smoke",
+    "data.synthetic_size=24",
+    "data.val_fraction=0.2",
+    "data.max_length=96",
+    "trainer.per_device_train_batch_size=2",
+    "trainer.max_steps=6",
+    "trainer.save_steps=2",
+    "trainer.warmup_steps=0",
+)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Move everything the imports and the collection made (~600k objects: torch, transformers, W&B,
+    the test modules) into the garbage collector's permanent generation, which collections skip. A
+    full collection walks every other tracked object: 0.4-0.5 CPU-s with these, and every run makes
+    some (run_job's, accelerate's at the end of training, Python's own as long-lived objects grow),
+    up to half the CPU time of a short in-process run. These objects live until the worker exits
+    anyway; what the tests create is collected as before."""
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end (`slow`) tests first, each file's tests still in their order: `make test` runs the
+    suite on every core (`pytest -n auto --dist loadgroup`, each worker given the next test in this
+    order), and with the long tests started first the short ones fill the gaps instead of one long
+    test ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One embedded-model cache for the whole session (tests and the CLIs they start)."""
+    cache = Path(os.environ.get("QLORA_EXP_TEST_CACHE") or tmp_path_factory.mktemp("qlora_cache"))
+    previous = os.environ.get("QLORA_EXP_CACHE")
+    os.environ["QLORA_EXP_CACHE"] = str(cache)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    yield cache
+    if previous is None:
+        os.environ.pop("QLORA_EXP_CACHE", None)
+    else:
+        os.environ["QLORA_EXP_CACHE"] = previous
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The real config tree with `overrides`, composed as `qlora-train` would (no run)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def train_in_process(run_dir: Path, *overrides: str) -> float | JobFailure:
+    """`qlora-train OVERRIDES` in this process, in `run_dir`: what the console script runs after
+    Hydra composed the config (no train.log or .hydra/ files: those are Hydra's, tested through
+    `run_cli_in_process`). A failure raises SystemExit with the run's exit code, as the script exits."""
+    return run_job(compose_config(*overrides), RunContext(run_dir))
+
+
+@pytest.fixture
+def smoke_schema() -> Config:
+    """The smoke experiment as validated schema objects."""
+    return to_schema(compose_config("experiment=smoke"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(embedded_cache: Path) -> PreTrainedTokenizerBase:
+    """The embedded tiny Gemma-2's tokenizer (tests must not change it: copy it first if they do)."""
+    return AutoTokenizer.from_pretrained(resolve_embedded("embedded:tiny-gemma2"))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, embedded_cache: Path) -> Path:
+    """One finished smoke run through the console script (in-process), evaluated every 2 steps, with
+    held-out samples: shared by every test that only reads a finished run."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = run_cli_in_process(
+        "qlora-train", "experiment=smoke", "trainer.eval_steps=2", f"hydra.run.dir={run_dir}"
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert str(run_dir) in result.stdout + result.stderr
+    return run_dir
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run an installed console script (or `python -m`) the way a user would, capturing output."""
+    command = [str(Path(sys.executable).parent / args[0]), *args[1:]]
+    return subprocess.run(
+        command,
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What a console script left: its exit code and what it wrote (as subprocess.CompletedProcess)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli_in_process(script: str, *args: str) -> CliResult:
+    """Console script `script` (as pyproject.toml installs it) called in this process with `args`.
+
+    The same entry point, argument parsing, Hydra composition, logging set-up and exit codes as
+    the installed script; stdout and stderr (logs included) are captured. Logging and Hydra's global
+    state are restored afterwards so that the next test starts clean.
+    """
+    (entry,) = entry_points(group="console_scripts", name=script)
+    main = entry.load()
+    root = logging.getLogger()
+    saved_handlers, saved_level, saved_argv = root.handlers[:], root.level, sys.argv
+    root.handlers = []  # so the script's own logging set-up (basicConfig, Hydra's) takes effect
+    sys.argv = [script, *args]
+    GlobalHydra.instance().clear()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    returncode = 0
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            try:
+                main()
+            except SystemExit as exc:
+                returncode = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # type: ignore[assignment]
+        for handler in root.handlers:
+            if handler not in saved_handlers:
+                handler.close()
+        root.handlers = saved_handlers
+        root.setLevel(saved_level)
+    return CliResult(returncode, stdout.getvalue(), stderr.getvalue())
+
+
+def wandb_records(run_file: Path) -> list[dict[str, Any]]:
+    """The records of an offline W&B run's .wandb file, read with W&B's own inspector."""
+    result = run_cli("wandb", "leet", "inspect", "--json", str(run_file))
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def model_artifacts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `model` artifacts among a run's records (W&B logs each logged table as a `run_table` one)."""
+    return [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == "model"]
