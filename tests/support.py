@@ -70,12 +70,23 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.freeze()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(trylast=True)  # after xdist's own hook has tagged each grouped test
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """End-to-end (`slow`) tests first, each file's tests still in their order: `make test` runs the
     suite on every core (`pytest -n auto --dist loadgroup`, each worker given the next test in this
     order), and with the long tests started first the short ones fill the gaps instead of one long
     test ending the run alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if config.getvalue("loadgroup"):  # an xdist worker under --dist loadgroup
+        lost = [
+            item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
+        ]
+        if lost:
+            raise pytest.UsageError(
+                f"pytest-xdist did not tag {lost[0]} (and {len(lost) - 1} more) with its xdist_group: "
+                "grouped tests would split across workers and run their shared fixtures more than once "
+                "(pytest-dev/pytest-xdist#1386, pytest >= 9.2). Fix: make install (the dev extra pins pytest)"
+            )
 
 
 @pytest.fixture(scope="session", autouse=True)
