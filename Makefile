@@ -27,6 +27,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
 	$(BIN)/pip install -e ".[dev]"
+# pip byte-compiles what it installs, but not an editable project's sources: compiled once here,
+# not again in every process (with PYTHONDONTWRITEBYTECODE set, nothing would ever cache them).
+	$(BIN)/python -m compileall -q qlora_exp hydra_plugins
 	touch $@
 
 train: install  ## run the default experiment offline (tiny embedded model); ARGS="..." adds overrides
