@@ -22,6 +22,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+import peft
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -33,6 +34,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from qlora_exp.cli.train import CONF_DIR
 from qlora_exp.embedded import resolve_embedded
 from qlora_exp.experiment import run_job
+from qlora_exp.model import build_quantized_model
 from qlora_exp.run.context import RunContext
 from qlora_exp.run.sweep import JobFailure
 from qlora_exp.schema import Config, register_configs, to_schema
@@ -210,3 +212,32 @@ def wandb_records(run_file: Path) -> list[dict[str, Any]]:
 def model_artifacts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The `model` artifacts among a run's records (W&B logs each logged table as a `run_table` one)."""
     return [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == "model"]
+
+
+def tiny_lora_model(name: str, attention: str = "sdpa") -> peft.PeftModel:
+    """The 4-bit embedded model `name` with LoRA on `attention`, dropout off (the same forward twice gives
+    the same numbers) and LoRA's B non-zero (B starts at zero; non-zero, every adapter shows in the loss
+    and the gradients)."""
+    schema = to_schema(
+        compose_config(
+            "experiment=smoke",
+            f"model.name_or_path=embedded:{name}",
+            f"model.attn_implementation={attention}",
+            "lora.dropout=0",
+        )
+    )
+    torch.manual_seed(0)
+    model = build_quantized_model(schema.model, schema.lora)
+    for parameter_name, parameter in model.named_parameters():
+        if "lora_B" in parameter_name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    return model
+
+
+def loss_and_gradients(model: peft.PeftModel, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+    """The model's loss on `batch` and the gradients of its trainable parameters."""
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import peft
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,9 +29,9 @@ from qlora_exp.attention import (
     segment_attention,
 )
 from qlora_exp.data.packing import FlatteningCollator
-from qlora_exp.model import build_quantized_model, resolve_attention, resolve_source
+from qlora_exp.model import resolve_attention, resolve_source
 from qlora_exp.schema import to_schema
-from tests.support import compose_config
+from tests.support import compose_config, loss_and_gradients, tiny_lora_model
 
 MaskMod = Callable[..., torch.Tensor]
 
@@ -170,36 +169,13 @@ def test_wide_heads_with_a_softcap_are_refused_with_the_fix() -> None:
         flex_attention_or_segments(torch.nn.Module(), q, k, v, block_mask, softcap=50.0)
 
 
-def build(name: str, attn: str) -> peft.PeftModel:
-    schema = to_schema(
-        compose_config(
-            "experiment=smoke",
-            f"model.name_or_path=embedded:{name}",
-            f"model.attn_implementation={attn}",
-            "lora.dropout=0",
-        )
-    )
-    torch.manual_seed(0)
-    model = build_quantized_model(schema.model, schema.lora)
-    for parameter_name, parameter in model.named_parameters():
-        if "lora_B" in parameter_name:  # non-zero B: every adapter shows in the gradients
-            torch.nn.init.normal_(parameter, std=0.1)
-    return model
-
-
-def loss_and_lora_gradients(model: peft.PeftModel, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
-    model.train()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
 def test_a_gemma4_on_the_wide_head_path_trains_as_on_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny Gemma-4 with every layer's heads treated as too wide for flex (as its 512-wide global
     layers are on an H200): loss and LoRA gradients of a padding-free batch equal eager attention's."""
     rows = [list(range(10, 10 + n)) for n in (7, 12, 5)]
     batch = FlatteningCollator()([{"input_ids": ids, "labels": ids} for ids in rows])
-    eager_loss, eager_grads = loss_and_lora_gradients(build("tiny-gemma4", "eager"), batch)
+    eager = tiny_lora_model("tiny-gemma4", "eager").train()
+    eager_loss, eager_grads = loss_and_gradients(eager, batch)
 
     calls = []
     original = attention.segment_attention
@@ -211,11 +187,11 @@ def test_a_gemma4_on_the_wide_head_path_trains_as_on_eager(monkeypatch: pytest.M
     monkeypatch.setattr(attention, "flex_attention_trains_here", lambda: True)  # as on a GPU
     monkeypatch.setattr(attention, "FLEX_MAX_HEAD_DIM", 0)
     monkeypatch.setattr(attention, "segment_attention", counted)
-    model = build("tiny-gemma4", "flex_attention")
+    model = tiny_lora_model("tiny-gemma4", "flex_attention").train()
     # The block masks are built as on a GPU but not compiled (a minute on the CPU; their compile is
     # tested above): what is under test is the attention computed from them.
     with torch.compiler.set_stance("force_eager"):
-        loss, grads = loss_and_lora_gradients(model, batch)
+        loss, grads = loss_and_gradients(model, batch)
     assert calls, "the wide-head path ran"
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
     assert grads.keys() == eager_grads.keys()

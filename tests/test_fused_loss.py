@@ -16,31 +16,13 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from qlora_exp import attention
 from qlora_exp.data.packing import FlatteningCollator
 from qlora_exp.fused_loss import fuse_head_and_loss
-from qlora_exp.model import build_quantized_model, resolve_source
+from qlora_exp.model import resolve_source
 from qlora_exp.multimodal import TOWER_ATTN_IMPLEMENTATION
 from qlora_exp.schema import to_schema
-from tests.support import compose_config
+from tests.support import compose_config, loss_and_gradients, tiny_lora_model
 
 MULTIMODAL = ("tiny-gemma3-mm", "tiny-gemma4-mm")
 TEXTS = ("What is 2 + 2? It is 4.", "Sort 3, 1, 2: 1, 2, 3", "Name a colour. Blue is one, red another.")
-
-
-def build(name: str, attention: str = "sdpa") -> peft.PeftModel:
-    schema = to_schema(
-        compose_config(
-            "experiment=smoke",
-            f"model.name_or_path=embedded:{name}",
-            f"model.attn_implementation={attention}",
-            "lora.dropout=0",  # the same forward twice gives the same numbers
-        )
-    )
-    torch.manual_seed(0)
-    model = build_quantized_model(schema.model, schema.lora)
-    # LoRA's B starts at zero; non-zero B makes every adapter show in the loss and the gradients.
-    for name_, parameter in model.named_parameters():
-        if "lora_B" in name_:
-            torch.nn.init.normal_(parameter, std=0.1)
-    return model
 
 
 def examples(name: str) -> list[dict[str, list[int]]]:
@@ -49,14 +31,6 @@ def examples(name: str) -> list[dict[str, list[int]]]:
     rows = [tokenizer(text)["input_ids"] for text in TEXTS]
     assert len(set(map(len, rows))) > 1
     return [{"input_ids": ids, "labels": [-100] * 2 + ids[2:]} for ids in rows]
-
-
-def loss_and_gradients(model: peft.PeftModel, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return loss.detach(), grads
 
 
 class ReferenceLoss:
@@ -85,7 +59,7 @@ class ReferenceLoss:
 
 @pytest.mark.parametrize("name", MULTIMODAL)
 def test_fused_head_and_loss_gives_the_class_loss_and_gradients(name: str) -> None:
-    model = build(name)
+    model = tiny_lora_model(name)
     base: PreTrainedModel = model.get_base_model()
     batch = FlatteningCollator()(examples(name))
     model.train()
@@ -111,7 +85,7 @@ def test_fused_head_and_loss_gives_the_class_loss_and_gradients(name: str) -> No
 
 
 def test_fused_head_and_loss_refuses_a_class_it_does_not_reproduce() -> None:
-    base = build("tiny-gemma3").get_base_model()  # Gemma3ForCausalLM: Liger's own forward serves it
+    base = tiny_lora_model("tiny-gemma3").get_base_model()  # Gemma3ForCausalLM: Liger's own forward serves it
     with pytest.raises(TypeError, match="gemma3_text"):
         fuse_head_and_loss(base, ReferenceLoss())
 
@@ -143,12 +117,12 @@ def test_flex_attention_loads_for_the_language_model_beside_a_tower_without_it(
     # flex on the CPU takes a minute: loading is what differs.) As on a GPU: on the CPU, flex loads
     # as eager (test_attention.py).
     monkeypatch.setattr(attention, "flex_attention_trains_here", lambda: True)
-    check_attention(build("tiny-gemma4-mm", "flex_attention"), "flex_attention")
+    check_attention(tiny_lora_model("tiny-gemma4-mm", "flex_attention"), "flex_attention")
 
 
 @pytest.mark.parametrize("name", MULTIMODAL)
 def test_sdpa_language_model_keeps_flattened_examples_apart(name: str) -> None:
-    model = build(name, "sdpa")
+    model = tiny_lora_model(name, "sdpa")
     check_attention(model, "sdpa")
     rows = examples(name)
     model.eval()
