@@ -75,9 +75,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.hookimpl(trylast=True)  # after xdist's own hook has tagged each grouped test
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """End-to-end (`slow`) tests first, each file's tests still in their order: `make test` runs the
-    suite on every core (`pytest -n auto --dist loadgroup`, each worker given the next test in this
-    order), and with the long tests started first the short ones fill the gaps instead of one long
-    test ending the run alone."""
+    suite on every core (`pytest -n NPROC --dist loadgroup`, each worker given the next test or
+    xdist_group in this order), and with the long tests started first the short ones fill the gaps
+    instead of one long test ending the run alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if config.getvalue("loadgroup"):  # an xdist worker under --dist loadgroup
         lost = [
