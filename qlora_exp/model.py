@@ -23,6 +23,7 @@ from qlora_exp.cache import configure_compile_cache
 from qlora_exp.embedded import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
 from qlora_exp.fused_loss import fuse_head_and_loss, liger_causal_lm_loss, uses_fused_loss_forward
+from qlora_exp.layer_compile import compile_decoder_layers
 from qlora_exp.moe.experts import liger_kernel_config
 from qlora_exp.moe.loading import experts_out_of_upcast, fused_experts_loading
 from qlora_exp.moe.lora import count_trainable_by_kind, load_adapter, target_lora
@@ -185,10 +186,17 @@ def check_liger(cfg: ModelConfig) -> None:
         )
 
 
-def apply_liger(model: PreTrainedModel) -> None:
+# Liger's kernels that run inside a decoder layer: off where the layers are compiled (layer_compile.py).
+LIGER_LAYER_KERNELS = ("rms_norm", "rope", "geglu", "swiglu")
+
+
+def apply_liger(model: PreTrainedModel, *, layer_kernels: bool = True) -> None:
     """Liger's kernels patched into `model` (transformers' helper); for the multimodal Gemma classes
-    with Liger's fused loss off and the project's fused head-and-loss forward instead (fused_loss.py)."""
+    with Liger's fused loss off and the project's fused head-and-loss forward instead (fused_loss.py).
+    `layer_kernels=False` keeps only the kernels outside the decoder layers (the fused LM head + loss)."""
     kernel_config = liger_kernel_config(model) or {}
+    if not layer_kernels:
+        kernel_config.update(dict.fromkeys(LIGER_LAYER_KERNELS, False))
     fused_here = uses_fused_loss_forward(model)
     if fused_here:
         kernel_config["fused_linear_cross_entropy"] = False
@@ -198,9 +206,11 @@ def apply_liger(model: PreTrainedModel) -> None:
 
 
 def apply_speed_kernels(model: PreTrainedModel, cfg: ModelConfig) -> None:
-    """Patch Liger's kernels into the loaded model when configured."""
+    """Patch Liger's kernels into the loaded model and compile its layers, as configured."""
     if cfg.use_liger_kernel:
-        apply_liger(model)
+        apply_liger(model, layer_kernels=not cfg.compile_layers)
+    if cfg.compile_layers:
+        compile_decoder_layers(model)
 
 
 # Non-reentrant checkpointing: the reentrant kind passes no gradient to LoRA weights whose inputs

@@ -79,7 +79,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     xdist_group in this order), and with the long tests started first the short ones fill the gaps
     instead of one long test ending the run alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-    if config.getvalue("loadgroup"):  # an xdist worker under --dist loadgroup
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
         lost = [
             item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
         ]
@@ -214,16 +214,17 @@ def model_artifacts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == "model"]
 
 
-def tiny_lora_model(name: str, attention: str = "sdpa") -> peft.PeftModel:
-    """The 4-bit embedded model `name` with LoRA on `attention`, dropout off (the same forward twice gives
-    the same numbers) and LoRA's B non-zero (B starts at zero; non-zero, every adapter shows in the loss
-    and the gradients)."""
+def tiny_lora_model(name: str, attention: str = "sdpa", *overrides: str) -> peft.PeftModel:
+    """The 4-bit embedded model `name` with LoRA on `attention` and `overrides`, dropout off (the same
+    forward twice gives the same numbers) and LoRA's B non-zero (B starts at zero; non-zero, every
+    adapter shows in the loss and the gradients)."""
     schema = to_schema(
         compose_config(
             "experiment=smoke",
             f"model.name_or_path=embedded:{name}",
             f"model.attn_implementation={attention}",
             "lora.dropout=0",
+            *overrides,
         )
     )
     torch.manual_seed(0)

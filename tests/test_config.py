@@ -51,12 +51,12 @@ GROUP_SCHEMAS = {
 }
 # All that the default presets (model=tiny, lora=default, data=synthetic, trainer=default, method=sft,
 # tracking=wandb) change from the dataclass defaults. Any other difference is a default kept in two places.
-DEFAULT_PRESET_CHANGES = {"model": {"name_or_path": "embedded:tiny-gemma2"}}
+DEFAULT_PRESET_CHANGES = {"model": {"name_or_path": "embedded:tiny-gemma2", "gradient_checkpointing": False}}
 # Preset values equal to the schema's default on purpose: pinned against a change of that default.
 PINNED_REPEATS = {("model/tiny", "attn_implementation")}
 
 
-def test_default_config_is_the_schema_defaults_but_the_tiny_model() -> None:
+def test_default_config_is_the_schema_defaults_but_the_tiny_model_preset() -> None:
     composed = OmegaConf.to_container(compose_config(), resolve=True)
     assert isinstance(composed, dict)
     expected = dataclasses.asdict(Config())
@@ -195,4 +195,4 @@ def test_gemma2_gpu_preset_is_the_benchmarked_defaults_row() -> None:
     assert (schema.model.upcast_unquantized_params, schema.model.fp32_residual) == (False, True)
     assert schema.data.packing == "padding_free"
     assert (schema.trainer.per_device_train_batch_size, schema.trainer.gradient_accumulation_steps) == (64, 1)
-    assert (schema.trainer.optim, schema.trainer.learning_rate) == ("paged_adamw_8bit", 2e-4)
+    assert (schema.trainer.optim, schema.trainer.learning_rate) == ("adamw_torch_fused", 2e-4)

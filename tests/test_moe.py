@@ -337,7 +337,7 @@ def test_moe_layouts_and_settings_that_cannot_apply_are_refused(tmp_path: Path, 
     experts = base.model.layers[0].feed_forward.experts
     assert experts.gate_up_proj.dtype == torch.float32 and not isinstance(experts, GroupedExperts)
     with pytest.raises(ConfigError, match=r"lora.dropout=0.05: .*ParamWrapper.*Fix: lora.dropout=0"):
-        attach_lora(base, LoraConfig())
+        attach_lora(base, LoraConfig(dropout=0.05))
     dense = "embedded:tiny-gemma2"
     for cfg, message in [
         (

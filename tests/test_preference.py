@@ -22,7 +22,7 @@ from qlora_exp.errors import ExitCode
 from qlora_exp.model import attach_lora, load_tokenizer
 from qlora_exp.preference import REFERENCE_ADAPTER, PreferenceTrainer, build_preference_trainer
 from qlora_exp.run.finished import FinishedRun
-from qlora_exp.schema import to_schema
+from qlora_exp.schema import LoraConfig, to_schema
 from tests.support import TINY_RUN, compose_config, train_in_process
 
 # One worker runs the module: its tests read one DPO run (module fixture).
@@ -246,7 +246,7 @@ def test_init_from_takes_the_runs_adapter_settings_this_run_leaves_at_their_defa
     run = tmp_path / "sft"
     shutil.copytree(smoke_run, run)
     trained = yaml.safe_load((run / "resolved_config.yaml").read_text())
-    trained["lora"].update(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    trained["lora"].update(r=8, alpha=16, target_modules=["q_proj", "v_proj"], dropout=0.1)
     trained["data"]["chat_template"] = "chatml"
     (run / "resolved_config.yaml").write_text(yaml.safe_dump(trained))
     caplog.set_level(logging.INFO, logger="qlora_exp")
@@ -255,7 +255,8 @@ def test_init_from_takes_the_runs_adapter_settings_this_run_leaves_at_their_defa
     assert start is not None and start.path == run
     schema = to_schema(continued)
     assert (schema.lora.r, schema.lora.alpha, schema.lora.target_modules) == (8, 16, ["q_proj", "v_proj"])
-    assert schema.data.chat_template == "chatml" and schema.lora.dropout == 0.05  # dropout: off under DPO
+    assert schema.data.chat_template == "chatml"
+    assert schema.lora.dropout == LoraConfig().dropout  # not the run's 0.1: dropout is off under DPO
     assert f"method.init_from: from {run}: lora.r=8, lora.alpha=16" in caplog.text
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from peft import PeftModel
+from torch._dynamo.utils import counters as dynamo_counters
 from torch.utils.hooks import RemovableHandle
 from transformers import (
     DataCollatorForSeq2Seq,
@@ -31,6 +32,7 @@ from qlora_exp.bench.options import BenchOptions
 from qlora_exp.bench.recorder import StepRecorder
 from qlora_exp.bench.settings import Setting
 from qlora_exp.data.packing import FlatteningCollator, build_collator
+from qlora_exp.layer_compile import compile_decoder_layers, uncompile_decoder_layers
 from qlora_exp.model import apply_liger, attach_lora, load_trainable_base
 from qlora_exp.multimodal import attention_implementations
 from qlora_exp.precision import resolve_compute_dtype, set_unquantized_precision
@@ -106,8 +108,9 @@ class StepPlan:
 
 def plan_steps(setting: Setting, options: BenchOptions) -> StepPlan:
     """The steps of `setting`: compiled attention warms up one step longer, a profiled step comes last."""
-    # Compiled attention compiles for the first shape, then once more for dynamic shapes.
-    warmup = options.warmup_steps + (1 if setting.attn_implementation == "flex_attention" else 0)
+    # Compiled attention and layers compile for the first shape, then once more for dynamic shapes.
+    compiled = setting.attn_implementation == "flex_attention" or setting.compile_layers
+    warmup = options.warmup_steps + (1 if compiled else 0)
     timed_end = max(options.loss_steps, warmup + options.timed_steps)
     profile = options.profile == setting.name
     examples_per_step = setting.steps_of(options.examples_per_step)
@@ -162,7 +165,9 @@ def prepare_base(base: PreTrainedModel, setting: Setting, compute_dtype: str) ->
         compute_dtype=resolve_compute_dtype(compute_dtype),
     )
     if setting.use_liger_kernel:
-        apply_liger(base)
+        apply_liger(base, layer_kernels=not setting.compile_layers)
+    if setting.compile_layers:
+        compile_decoder_layers(base)
     return hooks
 
 
@@ -249,6 +254,7 @@ def detach(trainer: Trainer, model: PeftModel, hooks: list[RemovableHandle]) -> 
     """Leave the shared base as it was loaded: the setting's hooks off, its LoRA layers removed."""
     for hook in hooks:
         hook.remove()
+    uncompile_decoder_layers(model)
     trainer.model_wrapped = trainer.model = None  # type: ignore[assignment]
     model.unload()  # removes the LoRA layers; the base stays loaded for the next setting
 
@@ -278,7 +284,12 @@ def run_setting(setting: Setting, shared: Shared) -> SettingResult:
     )
     hooks = prepare_base(shared.base, setting, shared.compute_dtype)
     set_seed(shared.options.seed)  # the same LoRA initialisation for every setting
-    model = attach_lora(shared.base, shared.lora_cfg)
+    lora_cfg = (
+        shared.lora_cfg
+        if setting.lora_dropout is None
+        else replace(shared.lora_cfg, dropout=setting.lora_dropout)
+    )
+    model = attach_lora(shared.base, lora_cfg)
     trainer, recorder = build_trainer(setting, model, examples, plan, shared)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -292,6 +303,8 @@ def run_setting(setting: Setting, shared: Shared) -> SettingResult:
     try:
         trainer.train()
         summarise(result, recorder, plan, shared)
+        if setting.compile_layers:  # one graph per layer variant and shape kind, or layers recompile
+            log.info("setting %s: torch.compile %s", setting.name, dict(dynamo_counters["stats"]))
     except Exception as exc:  # reported in the table and the exit code; the next setting runs
         result.error = error_text(exc)
         if isinstance(exc, torch.OutOfMemoryError):

@@ -24,7 +24,10 @@ PROTOTYPE_MAX_LENGTH = 512  # the prototype's data.max_length: its rows were pad
 # The prototype's timing group: at ~1 s per example its pace is steady within a few examples,
 # and 4 x 64 of them would take most of a 10-minute command.
 PROTOTYPE_EXAMPLES_PER_STEP = 16
-EXTRA_KEYS = "layout=, micro_batch=N, attn=, liger=0|1, upcast=0|1, fp32_residual=0|1, optim=NAME"
+EXTRA_KEYS = (
+    "layout=, micro_batch=N, attn=, liger=0|1, upcast=0|1, fp32_residual=0|1, compile=0|1, "
+    "lora_dropout=P, optim=NAME"
+)
 
 
 @dataclass(frozen=True)
@@ -38,12 +41,21 @@ class Setting:
     use_liger_kernel: bool
     upcast_unquantized_params: bool = True
     fp32_residual: bool = False
+    compile_layers: bool = False
+    lora_dropout: float | None = None  # None: the LoRA defaults' dropout
     optim: str | None = None  # None: --optim
     examples_per_step: int | None = None  # None: --examples-per-step
     # The prototype's way: an optimizer step after every micro-batch instead of accumulating the
     # step's examples. Its losses are then those of other optimizer steps and are not compared.
     step_every_micro_batch: bool = False
     description: str = ""
+
+    @property
+    def liger_scope(self) -> int:
+        """0: no Liger; 1: only its kernels outside the layers (compiled layers); 2: all of them."""
+        if not self.use_liger_kernel:
+            return 0
+        return 1 if self.compile_layers else 2
 
     def steps_of(self, examples_per_step: int) -> int:
         """Examples per bench step for this setting: its own, or the run's."""
@@ -96,6 +108,7 @@ def standard_settings(
             use_liger_kernel=model_cfg.use_liger_kernel,
             upcast_unquantized_params=model_cfg.upcast_unquantized_params,
             fp32_residual=model_cfg.fp32_residual,
+            compile_layers=model_cfg.compile_layers,
             description="the model preset's switches; one micro-batch per step, flattened without padding",
         ),
     ]
@@ -121,6 +134,10 @@ def parse_setting(spec: str, base: Setting) -> Setting:
             changes["upcast_unquantized_params"] = value == "1"
         elif key == "fp32_residual" and value in ("0", "1"):
             changes["fp32_residual"] = value == "1"
+        elif key == "compile" and value in ("0", "1"):
+            changes["compile_layers"] = value == "1"
+        elif key == "lora_dropout" and _is_dropout(value):
+            changes["lora_dropout"] = float(value)
         elif key == "optim" and value:
             changes["optim"] = value
         else:
@@ -128,9 +145,17 @@ def parse_setting(spec: str, base: Setting) -> Setting:
     return replace(base, **changes)
 
 
+def _is_dropout(value: str) -> bool:
+    try:
+        return 0.0 <= float(value) < 1.0
+    except ValueError:
+        return False
+
+
 def order_settings(settings: list[Setting]) -> list[Setting]:
-    """Settings without Liger first: Liger patches the shared model in place and cannot be undone."""
-    ordered = [s for s in settings if not s.use_liger_kernel] + [s for s in settings if s.use_liger_kernel]
+    """Settings without Liger first, then those with its kernels outside the layers only, then all of
+    them: Liger patches the shared model in place and cannot be undone."""
+    ordered = sorted(settings, key=lambda s: s.liger_scope)  # stable: the given order within a scope
     if ordered != settings:
         log.info("running settings without Liger first: %s", ", ".join(s.name for s in ordered))
     return ordered

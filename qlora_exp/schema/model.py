@@ -54,6 +54,10 @@ class ModelConfig:
     # $QLORA_EXP_CACHE/compile/, one directory per torch/Triton/transformers/... version, so that a
     # sweep's later jobs load what its first job compiled (qlora_exp/cache.py). false: torch's defaults.
     compile_cache: bool = True
+    # torch.compile over each decoder layer while it trains: Inductor fuses the casts, adds, norms and
+    # LoRA's elementwise work around the matmuls (qlora_exp/layer_compile.py). CUDA only; Liger's kernels
+    # then stay outside the layers (its fused LM head and loss remain).
+    compile_layers: bool = False
 
     def __post_init__(self) -> None:
         require(bool(self.name_or_path), "model.name_or_path", "is empty", "name a hub id or a local dir")
@@ -100,7 +104,9 @@ class LoraConfig:
 
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    # 0, as peft's own default: dropout on every LoRA input cost ~10% of a Gemma-2-9B step on an H200
+    # (BENCHMARKS.md) and keeps Inductor from fusing LoRA into its neighbours (model.compile_layers).
+    dropout: float = 0.0
     # ["all-linear"] targets every linear layer except the output head (peft's shorthand).
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     bias: str = "none"

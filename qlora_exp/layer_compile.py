@@ -1,0 +1,113 @@
+"""`model.compile_layers`: torch.compile over each decoder layer while it trains (regional compilation).
+
+Why by hand: transformers' `torch_compile` argument compiles the whole model, once per process, in
+every mode (evaluation and generation included, where a growing KV cache recompiles), and peft's and
+bitsandbytes' docs cover compiling a model for inference, not a 4-bit model under LoRA training. The
+profile of a Gemma-2-9B step (benchmarks/h200_gemma2_9b_profile_defaults.txt) has ~45% of the GPU's
+time outside the matmuls: casts, residual adds, norms, LoRA's dropout and scaling, each its own kernel
+and its own launch. Compiling the layer lets Inductor fuse them.
+
+- One compile serves every layer: the layers share their code, and torch's default
+  `inline_inbuilt_nn_modules` makes their parameters graph inputs instead of constants
+  (pytorch.org's regional-compilation recipe). Layers that differ in a constant (Gemma-2's
+  sliding and global attention) compile once each.
+- Only in training mode with gradients: evaluation and generation (a KV cache that grows each
+  token) run the layers as they are, uncompiled.
+- Gradient checkpointing stays eager, around the compiled forward (`_compiled_training_forward`).
+- Liger's kernels stay outside the compiled layers (`model.apply_liger`): its RMSNorm, RoPE and
+  GeGLU autograd functions are not compile-safe (kernels-community#906 disables them under compile
+  for deviating), and Inductor fuses those ops with their neighbours itself. The fused LM head and
+  loss, outside the layers, stay Liger's.
+- CUDA only (bitsandbytes' 4-bit ops compile there, torch >= 2.8): without CUDA the layers run as
+  they are, with a warning, like every other speed switch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from functools import partial
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from qlora_exp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# torch's default allows 8 compiles per code object; the layer's variants (sliding/global attention,
+# the first static shape then dynamic shapes, forward with and without gradients) can exceed it,
+# and past it torch silently runs the layer uncompiled.
+RECOMPILE_LIMIT = 32
+_EAGER_FORWARD = "_qlora_eager_forward"
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated decoder layers of a causal LM (inside peft's wrapper too), or a ConfigError."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ConfigError(
+            f"model.compile_layers: {type(base).__name__} has no decoder `layers` list to compile. "
+            "Fix: model.compile_layers=false for this architecture"
+        )
+    return list(layers)
+
+
+def _compiled_training_forward(layer: torch.nn.Module, backend: str) -> Any:
+    """The layer's forward, compiled while it trains, with its gradient checkpointing kept outside the
+    compiled code.
+
+    transformers checkpoints inside `forward` (modeling_layers.GradientCheckpointingLayer wraps the
+    class's own forward, kept as `__wrapped__`). Compiling that wrapper would trace the checkpoint
+    into the graph, and torch 2.11's partitioner then saves the layer's activations instead of
+    recomputing them (measured on Gemma-2-9B: 78.7 GiB against 20.7) and fails on dropout inside
+    the checkpoint. So the layer's own forward is compiled, and the checkpoint is taken around it
+    with transformers' own checkpoint function, as its wrapper does: the saved activations and the
+    dropout masks are those of eager checkpointing.
+    """
+    eager = layer.forward
+    checkpointed = hasattr(type(layer).forward, "__wrapped__")
+    compiled = torch.compile(inspect.unwrap(type(layer).forward), backend=backend)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not (layer.training and torch.is_grad_enabled()):
+            return eager(*args, **kwargs)
+        if checkpointed and layer.gradient_checkpointing:
+            if kwargs.get("use_cache"):  # as transformers' wrapper: no cache under checkpointing
+                kwargs["use_cache"] = False
+            return layer._gradient_checkpointing_func(partial(compiled, layer, **kwargs), *args)
+        return compiled(layer, *args, **kwargs)
+
+    return forward
+
+
+def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """Compile each decoder layer's training forward (see the module's docstring); returns how many.
+
+    Without CUDA nothing is compiled and a warning says so. Compilation itself happens at the first
+    training step; `uncompile_decoder_layers` undoes this. `backend` is torch.compile's.
+    """
+    layers = decoder_layers(model)
+    if not torch.cuda.is_available():
+        log.warning("model.compile_layers: no CUDA GPU, so the decoder layers run uncompiled")
+        return 0
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for layer in layers:
+        if hasattr(layer, _EAGER_FORWARD):
+            continue  # already compiled
+        setattr(layer, _EAGER_FORWARD, layer.forward)
+        layer.forward = _compiled_training_forward(layer, backend)
+    log.info("model.compile_layers: %d decoder layers compile at the first training step", len(layers))
+    return len(layers)
+
+
+def uncompile_decoder_layers(model: torch.nn.Module) -> None:
+    """The layers' own forward again (the bench reuses one base across settings); a no-op if none is
+    compiled."""
+    for layer in model.modules():
+        if hasattr(layer, _EAGER_FORWARD):
+            del layer.forward  # the instance attribute; the class's forward shows through again
+            delattr(layer, _EAGER_FORWARD)
