@@ -382,6 +382,7 @@ def test_tiny_qwen3_moe_trains_generates_and_merges_with_defaults(
         "trainer.save_steps=100",  # no checkpoint: resuming is tested on the default model
         "eval.num_samples=2",
         "eval.max_new_tokens=4",
+        "lora.dropout=0.05",  # not the default (0): the expert LoRA must apply it, and keep it on reload
     )
     assert isinstance(eval_loss, float)
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
