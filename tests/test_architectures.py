@@ -48,6 +48,7 @@ def test_architecture_trains_evaluates_generates_and_merges(tmp_path: Path, name
         run_dir,
         *TINY_RUN,
         f"model.name_or_path=embedded:{name}",
+        "model.gradient_checkpointing=true",  # as the architecture's real preset trains it
         "trainer.max_steps=2",
         "trainer.save_steps=100",  # no checkpoint: resuming is tested on the default model
         "eval.num_samples=1",

@@ -19,6 +19,7 @@ def test_torchrun_two_cpu_processes_share_one_run_and_agree(tmp_path: Path) -> N
         "-m",
         "qlora_exp.cli.train",
         "experiment=smoke",
+        "model.gradient_checkpointing=true",  # DDP over checkpointed layers, as every real preset trains
         cwd=tmp_path,
         env={"PYTHONPATH": str(REPO)},
     )

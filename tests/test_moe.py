@@ -383,6 +383,7 @@ def test_tiny_qwen3_moe_trains_generates_and_merges_with_defaults(
         "eval.num_samples=2",
         "eval.max_new_tokens=4",
         "lora.dropout=0.05",  # not the default (0): the expert LoRA must apply it, and keep it on reload
+        "model.gradient_checkpointing=true",  # as the MoE presets train: experts recomputed in backward
     )
     assert isinstance(eval_loss, float)
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")

@@ -29,7 +29,9 @@ from tests.support import TINY_RUN, compose_config, train_in_process
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dpo_run")]
 
 # The SFT tiny run's size (tests/support.py) on synthetic pairs, 4 steps with a checkpoint every 2.
-TINY_DPO = ("experiment=dpo_smoke", *TINY_RUN[1:], "trainer.max_steps=4")
+# With gradient checkpointing, as every real preset: TRL re-enables it, and turns it off around the
+# reference forward.
+TINY_DPO = ("experiment=dpo_smoke", *TINY_RUN[1:], "trainer.max_steps=4", "model.gradient_checkpointing=true")
 REWARDS = (
     "reward_accuracy",
     "reward_margin",
