@@ -36,6 +36,7 @@ from tests.support import compose_config, loss_and_gradients, tiny_lora_model
 MaskMod = Callable[..., torch.Tensor]
 
 
+@pytest.mark.slow  # a cold Inductor compile on the CPU: ~30-40 s
 def test_flex_block_masks_compile_once_for_every_row_length_and_stay_exact() -> None:
     # What transformers calls for each forward of a padding-free flex model: the registry's mask.
     configure_flex_compile()

@@ -31,6 +31,7 @@ def _batch(length: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
+@pytest.mark.slow
 def test_compiled_layers_train_as_eager_ones_and_share_one_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     # With gradient checkpointing, as every real model's preset has it: it stays outside the compiled code.
     model = tiny_lora_model("tiny-gemma2", "eager", "model.gradient_checkpointing=true").train()
