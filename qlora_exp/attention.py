@@ -94,10 +94,11 @@ def flex_attention_or_segments(
     value: torch.Tensor,
     attention_mask: torch.Tensor | BlockMask | None,
     **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' flex attention, or `segment_attention` for heads too wide to compile."""
     if query.shape[-1] <= FLEX_MAX_HEAD_DIM or not isinstance(attention_mask, BlockMask):
-        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        # None is what transformers passes where no mask is needed; its flex forward then masks nothing.
+        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)  # type: ignore[arg-type]
     for unsupported in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(

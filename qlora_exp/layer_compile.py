@@ -46,8 +46,8 @@ _EAGER_FORWARD = "_qlora_eager_forward"
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated decoder layers of a causal LM (inside peft's wrapper too), or a ConfigError."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
+    get_decoder = getattr(base, "get_decoder", None)
+    layers = getattr(get_decoder() if callable(get_decoder) else None, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         raise ConfigError(
             f"model.compile_layers: {type(base).__name__} has no decoder `layers` list to compile. "
@@ -78,7 +78,8 @@ def _compiled_training_forward(layer: torch.nn.Module, backend: str) -> Any:
         if checkpointed and layer.gradient_checkpointing:
             if kwargs.get("use_cache"):  # as transformers' wrapper: no cache under checkpointing
                 kwargs["use_cache"] = False
-            return layer._gradient_checkpointing_func(partial(compiled, layer, **kwargs), *args)
+            checkpoint: Any = layer._gradient_checkpointing_func  # transformers' own, as it calls it
+            return checkpoint(partial(compiled, layer, **kwargs), *args)
         return compiled(layer, *args, **kwargs)
 
     return forward
