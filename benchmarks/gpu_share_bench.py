@@ -121,6 +121,7 @@ def worker(index: int, max_k: int, out: Path, bench_args: list[str]) -> None:
         examples_per_step=options.examples_per_step,
         max_length=options.max_length,
         optim=options.optim,
+        lora_dropout=lora_cfg.dropout,
     )[0]
     out_dir = options.out or out
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -122,7 +122,7 @@ def test_markdown_table_speed_against_the_prototype_and_loss_against_the_baselin
         baseline, accumulation=4, real_tokens_per_s=1000.0, mean_loss_first_k=10.0, peak_memory_gb=20.0
     )
     fast = SettingResult(
-        defaults,
+        dataclasses.replace(defaults, compile_layers=True, lora_dropout=0.0),
         accumulation=1,
         real_tokens_per_s=5000.0,
         mean_loss_first_k=10.05,
@@ -138,7 +138,10 @@ def test_markdown_table_speed_against_the_prototype_and_loss_against_the_baselin
     assert "| 5.0x |" in rows[3] and "| +0.00% |" in rows[3]
     assert "| 25.0x |" in rows[4] and "| +0.50% |" in rows[4] and "| 20.0% |" in rows[4]
     assert "| 32 x 1 |" in rows[4] and "| fp32 |" in rows[4]
+    assert "| on | compiled |" in rows[4] and "| 0 | 5000 |" in rows[4]
+    assert "| off | eager |" in rows[3] and "| n/a | 1000 |" in rows[3]  # no dropout given: n/a
     assert "out of memory" in rows[5]
+    assert {row.count("|") for row in rows} == {rows[0].count("|")}  # every row fills every column
 
 
 def test_report_says_which_settings_were_timed_on_their_own_groups(tmp_path: Path) -> None:

@@ -41,11 +41,12 @@ def markdown_table(results: list[SettingResult], loss_steps: int) -> str:
     speed_ref = pick(results, "prototype", lambda r: bool(r.real_tokens_per_s))
     loss_ref = pick(results, "baseline", lambda r: bool(r.mean_loss_first_k))
     header = (
-        "| setting | layout | micro-batch x accumulation | attention | Liger | unquantized params "
-        f"| optimizer | real tokens/s | x {speed_ref.setting.name if speed_ref else 'n/a'} "
+        "| setting | layout | micro-batch x accumulation | attention | Liger | decoder layers "
+        "| unquantized params | optimizer | LoRA dropout "
+        f"| real tokens/s | x {speed_ref.setting.name if speed_ref else 'n/a'} "
         f"| MFU | peak GPU memory (GiB) | mean loss, first {loss_steps} steps "
         f"| loss vs {loss_ref.setting.name if loss_ref else 'n/a'} |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     return header + "\n".join(table_row(r, speed_ref, loss_ref) for r in results) + "\n"
 
@@ -58,7 +59,8 @@ def table_row(r: SettingResult, speed_ref: SettingResult | None, loss_ref: Setti
     )
     lead = (
         f"| {s.name} | {s.layout} | {accumulation} | {s.attn_implementation} | "
-        f"{_on(s.use_liger_kernel)} | {_precision(s)} | {s.optim} | "
+        f"{_on(s.use_liger_kernel)} | {'compiled' if s.compile_layers else 'eager'} | {_precision(s)} | "
+        f"{s.optim} | {_fmt(s.lora_dropout, 'g')} | "
     )
     if r.error:
         return f"{lead}{r.error} | | | | | |"

@@ -88,6 +88,7 @@ def run_bench(options: BenchOptions, command: str) -> list[SettingResult]:
         examples_per_step=options.examples_per_step,
         max_length=options.max_length,
         optim=options.optim,
+        lora_dropout=lora_cfg.dropout,
     )
     out_dir = output_dir(options)
     tokenizer = load_tokenizer(model_cfg)

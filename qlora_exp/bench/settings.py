@@ -42,7 +42,7 @@ class Setting:
     upcast_unquantized_params: bool = True
     fp32_residual: bool = False
     compile_layers: bool = False
-    lora_dropout: float | None = None  # None: the LoRA defaults' dropout
+    lora_dropout: float | None = None  # None: the LoRA defaults' (select_settings resolves it)
     optim: str | None = None  # None: --optim
     examples_per_step: int | None = None  # None: --examples-per-step
     # The prototype's way: an optimizer step after every micro-batch instead of accumulating the
@@ -169,8 +169,10 @@ def select_settings(
     examples_per_step: int,
     max_length: int,
     optim: str,
+    lora_dropout: float,
 ) -> list[Setting]:
-    """Standard settings by name plus `extras` variants, validated, Liger-free ones first.
+    """Standard settings by name plus `extras` variants, validated, Liger-free ones first; each with
+    its optimizer and LoRA dropout resolved (`optim`, `lora_dropout` where it names none).
 
     Everything is checked here, before any model loads, so a typo costs seconds, not a model load.
     """
@@ -181,7 +183,12 @@ def select_settings(
             raise ConfigError(f"--settings: unknown {name!r}. Fix: choose from {', '.join(standard)}")
         settings.append(standard[name])
     settings += [parse_setting(spec, standard["defaults"]) for spec in extras]
-    settings = [replace(s, optim=s.optim or optim) for s in settings]
+    settings = [
+        replace(
+            s, optim=s.optim or optim, lora_dropout=lora_dropout if s.lora_dropout is None else s.lora_dropout
+        )
+        for s in settings
+    ]
     if not settings:
         raise ConfigError("no settings to run. Fix: pass --settings and/or --extra")
     for s in settings:
