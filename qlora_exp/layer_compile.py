@@ -24,13 +24,13 @@ and its own launch. Compiling the layer lets Inductor fuse them.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from functools import partial
 from typing import Any
 
 import torch
 from peft import PeftModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora_exp.errors import ConfigError
 
@@ -60,8 +60,9 @@ def _compiled_training_forward(layer: torch.nn.Module, backend: str) -> Any:
     """The layer's forward, compiled while it trains, with its gradient checkpointing kept outside the
     compiled code.
 
-    transformers checkpoints inside `forward` (modeling_layers.GradientCheckpointingLayer wraps the
-    class's own forward, kept as `__wrapped__`). Compiling that wrapper would trace the checkpoint
+    transformers checkpoints inside `forward` (GradientCheckpointingLayer wraps the class's own
+    forward, kept as `__wrapped__`; one level only: the forward's own decorators, such as
+    deprecate_kwarg's renaming, stay). Compiling that wrapper would trace the checkpoint
     into the graph, and torch 2.11's partitioner then saves the layer's activations instead of
     recomputing them (measured on Gemma-2-9B: 78.7 GiB against 20.7) and fails on dropout inside
     the checkpoint. So the layer's own forward is compiled, and the checkpoint is taken around it
@@ -69,8 +70,10 @@ def _compiled_training_forward(layer: torch.nn.Module, backend: str) -> Any:
     dropout masks are those of eager checkpointing.
     """
     eager = layer.forward
-    checkpointed = hasattr(type(layer).forward, "__wrapped__")
-    compiled = torch.compile(inspect.unwrap(type(layer).forward), backend=backend)
+    checkpointed = isinstance(layer, GradientCheckpointingLayer)
+    class_forward: Any = type(layer).forward
+    own_forward = class_forward.__wrapped__ if checkpointed else class_forward
+    compiled = torch.compile(own_forward, backend=backend)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not (layer.training and torch.is_grad_enabled()):
@@ -99,16 +102,21 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
     for layer in layers:
         if hasattr(layer, _EAGER_FORWARD):
             continue  # already compiled
-        setattr(layer, _EAGER_FORWARD, layer.forward)
+        # What `forward` was on the instance before (None: the class's), for uncompile_decoder_layers.
+        setattr(layer, _EAGER_FORWARD, vars(layer).get("forward"))
         layer.forward = _compiled_training_forward(layer, backend)
     log.info("model.compile_layers: %d decoder layers compile at the first training step", len(layers))
     return len(layers)
 
 
 def uncompile_decoder_layers(model: torch.nn.Module) -> None:
-    """The layers' own forward again (the bench reuses one base across settings); a no-op if none is
-    compiled."""
+    """Each layer's forward as it was before compile_decoder_layers (the bench reuses one base across
+    settings); a no-op if none is compiled."""
     for layer in model.modules():
         if hasattr(layer, _EAGER_FORWARD):
-            del layer.forward  # the instance attribute; the class's forward shows through again
+            before = getattr(layer, _EAGER_FORWARD)
             delattr(layer, _EAGER_FORWARD)
+            if before is None:
+                del layer.forward  # the instance attribute; the class's forward shows through again
+            else:
+                layer.forward = before

@@ -74,6 +74,19 @@ def test_compiled_layers_train_as_eager_ones_and_share_one_graph(monkeypatch: py
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_uncompiling_restores_the_forward_each_layer_had(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_lora_model("tiny-gemma2", attention="eager")
+    first, second, *_ = layer_compile.decoder_layers(model)
+    hooked = first.forward
+    first.forward = hooked  # an instance-level forward, as accelerate's hooks install
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        layer_compile.compile_decoder_layers(model, backend="eager")
+    assert vars(first)["forward"] is not hooked and "forward" in vars(second)
+    layer_compile.uncompile_decoder_layers(model)
+    assert vars(first)["forward"] is hooked and "forward" not in vars(second)
+
+
 def test_without_cuda_the_layers_stay_uncompiled_with_a_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
