@@ -88,6 +88,15 @@ def _compiled_training_forward(layer: torch.nn.Module, backend: str) -> Any:
     return forward
 
 
+def layers_compile(requested: bool) -> bool:
+    """`requested`, or False with a warning where the layers cannot compile (no CUDA; see the module's
+    docstring): every path that compiles layers or reports whether they were goes through here."""
+    if requested and not torch.cuda.is_available():
+        log.warning("model.compile_layers: no CUDA GPU, so the decoder layers run uncompiled")
+        return False
+    return requested
+
+
 def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
     """Compile each decoder layer's training forward (see the module's docstring); returns how many.
 
@@ -95,8 +104,7 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
     training step; `uncompile_decoder_layers` undoes this. `backend` is torch.compile's.
     """
     layers = decoder_layers(model)
-    if not torch.cuda.is_available():
-        log.warning("model.compile_layers: no CUDA GPU, so the decoder layers run uncompiled")
+    if not layers_compile(True):
         return 0
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for layer in layers:

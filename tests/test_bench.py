@@ -227,7 +227,7 @@ def test_bench_cli_runs_every_setting_on_identical_data(
             "--extra",
             "res32:upcast=0,fp32_residual=1",
             "--extra",
-            "flex:attn=flex_attention",
+            "flex:attn=flex_attention,compile=1",
         ),
         *("--out", str(out)),
     )
@@ -235,8 +235,10 @@ def test_bench_cli_runs_every_setting_on_identical_data(
     report = json.loads((out / "bench.json").read_text())
     names = [s["setting"]["name"] for s in report["settings"]]
     assert names == ["prototype", "baseline", "defaults", "res32", "flex"]
-    # Flex attention has no backward on the CPU: that row runs, and says it ran, on eager.
+    # Flex attention has no backward on the CPU, and layers compile only with CUDA: that row runs, and
+    # says it ran, on eager attention and uncompiled layers.
     assert report["settings"][-1]["setting"]["attn_implementation"] == "eager"
+    assert report["settings"][-1]["setting"]["compile_layers"] is False
     prototype, *others = report["settings"]
     # The prototype takes a step after every example: other optimizer steps, no comparable loss.
     assert prototype["mean_loss_first_k"] is None and len(prototype["step_losses"]) == 2

@@ -32,7 +32,7 @@ from qlora_exp.bench.options import BenchOptions
 from qlora_exp.bench.recorder import StepRecorder
 from qlora_exp.bench.settings import Setting
 from qlora_exp.data.packing import FlatteningCollator, build_collator
-from qlora_exp.layer_compile import compile_decoder_layers, uncompile_decoder_layers
+from qlora_exp.layer_compile import compile_decoder_layers, layers_compile, uncompile_decoder_layers
 from qlora_exp.model import apply_liger, attach_lora, load_trainable_base
 from qlora_exp.multimodal import attention_implementations
 from qlora_exp.precision import resolve_compute_dtype, set_unquantized_precision
@@ -271,8 +271,12 @@ def run_setting(setting: Setting, shared: Shared) -> SettingResult:
 
     A failure while training is reported in the result (and the exit code), so the next setting runs.
     """
-    # Where flex cannot train (CPU), the setting runs, and is reported, as eager.
-    setting = replace(setting, attn_implementation=trainable_attention(setting.attn_implementation))
+    # Where flex cannot train or layers cannot compile (CPU), the setting runs, and is reported, as eager.
+    setting = replace(
+        setting,
+        attn_implementation=trainable_attention(setting.attn_implementation),
+        compile_layers=layers_compile(setting.compile_layers),
+    )
     plan = plan_steps(setting, shared.options)
     examples = shared.dataset.select(range(plan.steps * plan.examples_per_step))
     result = SettingResult(
