@@ -84,8 +84,10 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
                 startup,
                 TrackingCallback(tracker, perplexity=not schema.method.preference),
                 samples,
-                NonFiniteGuard(schema.trainer.nan_guard_patience),
                 PreemptionCallback(),
+                # After PreemptionCallback: its should_save is set by then, and a step that saves is
+                # one where the guard reads its pending gradient norms back first.
+                NonFiniteGuard(schema.trainer.nan_guard_patience),
                 QuantizedWeightGuard(),  # after the samples: it checks after their generations
                 *build_evaluation_callbacks(schema.trainer),
             ):

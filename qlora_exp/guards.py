@@ -140,42 +140,63 @@ class PreemptionCallback(TrainerCallback):
 class NonFiniteGuard(TrainerCallback):
     """Stops training when gradients are NaN/inf for `patience` consecutive optimizer steps.
 
-    A NaN or inf loss makes the gradients non-finite too, so checking the gradient norm before the
-    optimizer step covers both, and the bad update is never applied when patience is 1. With
-    patience > 1 (fp16 loss scaling skips overflowing steps by itself), no checkpoint is written
-    while the streak lasts, so a resume never starts from poisoned weights.
+    A NaN or inf loss makes the gradients non-finite too, so the gradient norm before each optimizer
+    step covers both. The norms stay on the device and are read back, in one sync, only at the end of
+    a step that logs, evaluates, saves or stops: reading each one back at once would make the host
+    wait for every backward, and the GPU then idles while the host queues the next step. So a run
+    stops at the first such step once the streak reaches `patience` (trainer.logging_steps apart at
+    most; the message names the step where it did), nothing of the poisoned weights is saved, and no
+    checkpoint is written while a streak lasts (fp16 loss scaling skips overflowing steps by itself
+    when patience > 1), so a resume never starts from them.
     """
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
         self.streak = 0
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (optimizer step, its gradient norm)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         model: torch.nn.Module = kwargs["model"]
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        if math.isfinite(norm):
-            self.streak = 0
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        self.pending.append((state.global_step + 1, norm))
+
+    def settle(self, args: TrainingArguments) -> None:
+        """Read the pending norms back and update the streak; raise once it reaches `patience`."""
+        if not self.pending:
             return
-        self.streak += 1
-        step = state.global_step + 1
-        log.warning("step %d: gradient norm is %s (%d of %d allowed)", step, norm, self.streak, self.patience)
-        if self.streak >= self.patience:
-            raise NumericalError(
-                f"step {step}: loss or gradient norm is {norm} for {self.streak} consecutive optimizer "
-                f"step(s) (trainer.nan_guard_patience={self.patience}); training stopped, no adapter saved. "
-                f"Fix: lower trainer.learning_rate (now {args.learning_rate:g}), "
-                "keep trainer.max_grad_norm > 0, check the data for empty targets, or prefer bf16 to fp16"
-            )
+        steps, norms = zip(*self.pending)
+        self.pending = []
+        device = norms[-1].device
+        for step, norm in zip(steps, torch.stack([n.to(device, torch.float32) for n in norms]).tolist()):
+            if math.isfinite(norm):
+                self.streak = 0
+                continue
+            self.streak += 1
+            log.warning("step %d: gradient norm is %s (%d of %d allowed)", step, norm, self.streak, self.patience)
+            if self.streak >= self.patience:
+                raise NumericalError(
+                    f"step {step}: loss or gradient norm is {norm} for {self.streak} consecutive optimizer "
+                    f"step(s) (trainer.nan_guard_patience={self.patience}); training stopped, no adapter "
+                    f"saved. Fix: lower trainer.learning_rate (now {args.learning_rate:g}), "
+                    "keep trainer.max_grad_norm > 0, check the data for empty targets, or prefer bf16 to fp16"
+                )
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
+        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
+            self.settle(args)
         if self.streak:
             control.should_save = False
         return control
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.settle(args)
 
 
 class QuantizedWeightGuard(TrainerCallback):

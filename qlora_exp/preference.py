@@ -32,7 +32,7 @@ from qlora_exp.model import (
 from qlora_exp.run.directory import ADAPTER_DIR, config_diff
 from qlora_exp.run.finished import FinishedRun
 from qlora_exp.schema import Config, to_plain_dict
-from qlora_exp.training import build_training_arguments, train_and_measure
+from qlora_exp.training import DeviceTokenCountMixin, build_training_arguments, train_and_measure
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,10 @@ REWARD_METRICS = {
 BASE_MODEL_KEYS = ("name_or_path", "revision")
 
 
-class PreferenceTrainer(AtomicCheckpointMixin, DPOTrainer):
-    """TRL's DPOTrainer with the project's atomic checkpoints, over data that PreferenceDataModule has
-    already tokenized with exact masks, and with the adapter kept as the project's model factory
-    made it.
+class PreferenceTrainer(DeviceTokenCountMixin, AtomicCheckpointMixin, DPOTrainer):
+    """TRL's DPOTrainer with the project's atomic checkpoints and token count (DeviceTokenCountMixin),
+    over data that PreferenceDataModule has already tokenized with exact masks, and with the adapter
+    kept as the project's model factory made it.
 
     Two things TRL does on construction are undone here, for reasons it cannot know:
     - it casts a quantized model's trainable weights to bf16 (the QLoRA paper's choice). At a DPO

@@ -65,6 +65,9 @@ def build_training_arguments(
         logging_first_step=True,
         train_sampling_strategy=cfg.train_sampling_strategy,
         dataloader_num_workers=cfg.dataloader_num_workers,
+        # Batches are pinned (dataloader_pin_memory's default) and copied to the GPU asynchronously: a
+        # blocking copy waits for the GPU to finish the previous step before the host may queue more.
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
         eval_strategy="steps" if cfg.eval_steps > 0 else "no",
         eval_steps=cfg.eval_steps or None,
         # The "before" evaluation runs inside train(), after the model is wrapped for DDP. Calling
@@ -181,8 +184,59 @@ def eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     ]
 
 
-class SupervisedTrainer(BaselineEvaluationMixin, AtomicCheckpointTrainer):
-    """transformers' Trainer with atomic checkpoints and a step-0 evaluation a sweep's jobs share."""
+class DeviceTokenCountMixin:
+    """Counts the tokens seen on the device and reads the count back only where it is read: a log
+    (`Trainer.log`, which also ends `train()`) or a checkpoint (whose trainer_state.json holds it).
+
+    transformers' Trainer (5.24, `_track_num_input_tokens`) reads it back with `.item()` after every
+    micro-batch: a host-device sync that makes the host wait for the whole backward, so the GPU then
+    idles while the host steps the optimizer, collates and moves the next batch and launches its
+    forward. Without it the host queues the next step while the GPU still runs this one. The count is
+    the Trainer's own (same rule, same `state.num_input_tokens_seen` wherever that is read). Mix in
+    before the Trainer class.
+    """
+
+    _pending_tokens: torch.Tensor | None = None
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        trainer: Trainer = self  # type: ignore[assignment]  # a mixin of Trainer subclasses
+        mode = trainer.args.include_num_input_tokens_seen
+        name = getattr(trainer.model, "main_input_name", "input_ids")
+        pad_id = getattr(trainer.processing_class, "pad_token_id", None)
+        if mode == "no" or name not in inputs:
+            super()._track_num_input_tokens(inputs)  # type: ignore[misc]  # its warning, if any
+            return
+        if mode != "non_padding":
+            count = torch.as_tensor(inputs[name].numel(), device=trainer.args.device, dtype=torch.int64)
+        elif "attention_mask" in inputs:
+            count = inputs["attention_mask"].sum()
+        elif pad_id is not None:
+            count = (inputs[name] != pad_id).sum()
+        else:  # the Trainer warns and counts every token
+            super()._track_num_input_tokens(inputs)  # type: ignore[misc]
+            return
+        count = trainer.accelerator.gather(count.to(device=trainer.args.device, dtype=torch.int64)).sum()
+        self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
+
+    def settle_token_count(self) -> None:
+        """Add the tokens counted on the device since the last read to `state.num_input_tokens_seen`."""
+        if self._pending_tokens is not None:
+            trainer: Trainer = self  # type: ignore[assignment]
+            trainer.state.num_input_tokens_seen += int(self._pending_tokens.item())
+            self._pending_tokens = None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self.settle_token_count()
+        super().log(logs, start_time)  # type: ignore[misc]
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self.settle_token_count()
+        super()._save_checkpoint(model, trial)  # type: ignore[misc]
+
+
+class SupervisedTrainer(DeviceTokenCountMixin, BaselineEvaluationMixin, AtomicCheckpointTrainer):
+    """transformers' Trainer with atomic checkpoints, a step-0 evaluation a sweep's jobs share, and no
+    host-device sync per micro-batch for its token count."""
 
 
 def build_trainer(

@@ -23,6 +23,7 @@ from qlora_exp.bench.options import BENCH_MODELS, parse_options
 from qlora_exp.bench.report import markdown_table, versions, write_report
 from qlora_exp.bench.run import compose_model_section
 from qlora_exp.bench.settings import LAYOUTS, Setting, order_settings, parse_setting, standard_settings
+from qlora_exp.bench.timeline import NO_OP, idle_report
 from qlora_exp.cli.bench import main
 from qlora_exp.data.module import IGNORE_INDEX
 from qlora_exp.embedded import EMBEDDED_MODELS, EMBEDDED_PREFIX
@@ -228,6 +229,8 @@ def test_bench_cli_runs_every_setting_on_identical_data(
             "res32:upcast=0,fp32_residual=1",
             "--extra",
             "flex:attn=flex_attention,compile=1",
+            "--profile",
+            "defaults",
         ),
         *("--out", str(out)),
     )
@@ -249,10 +252,39 @@ def test_bench_cli_runs_every_setting_on_identical_data(
     for setting in report["settings"]:
         assert setting["error"] is None
         assert setting["real_tokens_per_s"] > 0
-        assert setting["step_real_tokens"] == report["settings"][0]["step_real_tokens"]
+        first_steps = report["settings"][0]["step_real_tokens"]  # the profiled setting has one step more
+        assert setting["step_real_tokens"][: len(first_steps)] == first_steps
     assert "| prototype | pad_to_max | 1 x 1 (a step each) |" in (out / "bench.md").read_text()
     assert "| fp32 | adamw_torch |" in (out / "bench.md").read_text()  # --optim's CPU default, per row
     assert "| defaults | padding_free | 2 x 1 |" in result.stdout
+    # The profiled step: its table, its trace, and where the GPU idled (none here).
+    assert (out / "profile_defaults.txt").read_text().startswith("GPU timeline: no GPU activity")
+    assert (out / "profile_defaults.trace.json.gz").stat().st_size > 0
+
+
+def test_idle_report_charges_each_gpu_hole_to_the_host_op_open_when_it_began(tmp_path: Path) -> None:
+    ms = 1000.0  # trace times are in microseconds
+
+    def span(name: str, cat: str, start: float, end: float, tid: int) -> dict[str, object]:
+        return {"ph": "X", "cat": cat, "name": name, "ts": start * ms, "dur": (end - start) * ms, "pid": 1, "tid": tid}
+
+    kernels = [(0, 100, 7), (90, 160, 8), (300, 400, 7), (450, 460, 7), (480, 485, 7), (490, 500, 7)]
+    events = [span("k", "kernel", start, end, stream) for start, end, stream in kernels]
+    events += [
+        span("step", "cpu_op", 130, 455, 1),
+        span("aten::item", "cpu_op", 150, 305, 1),  # the host waits: the GPU finishes, then idles
+        span("other", "cpu_op", 0, 50, 2),
+    ]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    report = idle_report(trace, min_hole_us=10 * ms).splitlines()
+    assert report[0].startswith("GPU timeline: 500.0 ms from first to last GPU work, busy 285.0 ms, idle 215.0 ms")
+    assert "in 4 holes; holes under 10000 µs: 5.0 ms in all" in report[0]
+    assert report[2:] == [
+        "  140.0 |     1 | step > aten::item",
+        "   50.0 |     1 | step",
+        f"   20.0 |     1 | {NO_OP}",
+    ]
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["checkpointing", "no-checkpointing"])

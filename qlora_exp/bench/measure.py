@@ -23,7 +23,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
-    Trainer,
     set_seed,
 )
 
@@ -32,12 +31,13 @@ from qlora_exp.bench.options import BenchOptions
 from qlora_exp.bench.recorder import StepRecorder
 from qlora_exp.bench.settings import Setting
 from qlora_exp.data.packing import FlatteningCollator, build_collator
+from qlora_exp.guards import NonFiniteGuard, QuantizedWeightGuard
 from qlora_exp.layer_compile import compile_decoder_layers, layers_compile, uncompile_decoder_layers
 from qlora_exp.model import apply_liger, attach_lora, load_trainable_base
 from qlora_exp.multimodal import attention_implementations
 from qlora_exp.precision import resolve_compute_dtype, set_unquantized_precision
 from qlora_exp.schema import LoraConfig, ModelConfig, TrainerConfig
-from qlora_exp.training import build_training_arguments, peak_memory
+from qlora_exp.training import SupervisedTrainer, build_training_arguments, peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -171,20 +171,48 @@ def prepare_base(base: PreTrainedModel, setting: Setting, compute_dtype: str) ->
     return hooks
 
 
+class BenchTrainer(SupervisedTrainer):
+    """The training path's trainer, keeping each micro-batch's loss on the device.
+
+    The Trainer reads its loss back when it logs, a host-device sync; logging every step to get
+    per-step losses would time syncs that training (logging every trainer.logging_steps) does not
+    have. The losses are read once, after training.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.micro_batch_losses: list[torch.Tensor] = []
+
+    def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.micro_batch_losses.append(loss)  # what the Trainer adds to the loss it logs
+        return loss
+
+    def step_losses(self) -> list[float]:
+        """Each optimizer step's loss as the Trainer would log it at logging_steps=1."""
+        per_step = self.args.gradient_accumulation_steps
+        if not self.micro_batch_losses:
+            return []
+        values = torch.stack(self.micro_batch_losses).float().tolist()
+        return group_sums(values, per_step)
+
+
 def build_trainer(
     setting: Setting, model: torch.nn.Module, examples: Dataset, plan: StepPlan, shared: Shared
-) -> tuple[Trainer, StepRecorder]:
-    """A Trainer over the setting's examples in order, with the recorder that times its steps."""
+) -> tuple[BenchTrainer, StepRecorder]:
+    """A trainer over the setting's examples in order, with training's per-step guards and the
+    recorder that times its steps."""
     options = shared.options
+    max_steps = plan.steps * plan.optimizer_steps
     trainer_cfg = TrainerConfig(
-        max_steps=plan.steps * plan.optimizer_steps,
+        max_steps=max_steps,
         per_device_train_batch_size=setting.micro_batch,
         gradient_accumulation_steps=plan.accumulation,
         learning_rate=options.learning_rate,
         lr_scheduler_type="constant",
         warmup_steps=0,
         optim=setting.optim or options.optim,
-        logging_steps=1,
+        logging_steps=max_steps,  # the losses come from BenchTrainer: no log, no sync, between steps
         train_sampling_strategy="sequential",
         eval_steps=0,  # the bench has no eval set: nothing but the training steps is timed
     )
@@ -196,13 +224,13 @@ def build_trainer(
         trainer_cfg, shared.out_dir / "trainer" / setting.name, options.seed
     )
     training_args.eval_on_start = False  # training measures its "before" loss; the bench has no eval set
-    trainer = Trainer(
+    trainer = BenchTrainer(
         model=model,
         args=training_args,
         train_dataset=examples,
         data_collator=layout_collator(setting.layout, shared.tokenizer, options.max_length),
         processing_class=shared.tokenizer,
-        callbacks=[recorder],
+        callbacks=[NonFiniteGuard(trainer_cfg.nan_guard_patience), QuantizedWeightGuard(), recorder],
     )
     trainer.remove_callback(PrinterCallback)  # the table and the log say it; no dict per step on stdout
     return trainer, recorder
@@ -224,11 +252,13 @@ def group_sums(values: list[float], size: int) -> list[float]:
     return [sum(values[i : i + size]) for i in range(0, len(values) - size + 1, size)]
 
 
-def summarise(result: SettingResult, recorder: StepRecorder, plan: StepPlan, shared: Shared) -> None:
-    """Fill `result` from what the recorder saw: per-step seconds and losses, tokens/s, MFU, memory."""
+def summarise(
+    result: SettingResult, trainer: BenchTrainer, recorder: StepRecorder, plan: StepPlan, shared: Shared
+) -> None:
+    """Fill `result` from what the run saw: per-step seconds and losses, tokens/s, MFU, memory."""
     per_step = plan.optimizer_steps
     result.step_seconds = group_sums(recorder.seconds, per_step)
-    result.step_losses = [loss / per_step for loss in group_sums(recorder.losses, per_step)]
+    result.step_losses = [loss / per_step for loss in group_sums(trainer.step_losses(), per_step)]
     timed = slice(plan.warmup_steps, plan.timed_end)
     seconds = sum(result.step_seconds[timed])
     result.real_tokens_per_s = sum(result.step_real_tokens[timed]) / seconds if seconds > 0 else None
@@ -250,7 +280,7 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-def detach(trainer: Trainer, model: PeftModel, hooks: list[RemovableHandle]) -> None:
+def detach(trainer: BenchTrainer, model: PeftModel, hooks: list[RemovableHandle]) -> None:
     """Leave the shared base as it was loaded: the setting's hooks off, its LoRA layers removed."""
     for hook in hooks:
         hook.remove()
@@ -306,7 +336,7 @@ def run_setting(setting: Setting, shared: Shared) -> SettingResult:
     )
     try:
         trainer.train()
-        summarise(result, recorder, plan, shared)
+        summarise(result, trainer, recorder, plan, shared)
         if setting.compile_layers:  # one graph per layer variant and shape kind, or layers recompile
             log.info("setting %s: torch.compile %s", setting.name, dict(dynamo_counters["stats"]))
     except Exception as exc:  # reported in the table and the exit code; the next setting runs
