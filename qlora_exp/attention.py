@@ -13,7 +13,11 @@ row's square.
 
 from __future__ import annotations
 
+import functools
 import logging
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
-from transformers import masking_utils
+from transformers import PretrainedConfig, PreTrainedModel, masking_utils
 from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -40,11 +44,51 @@ FLEX_MAX_HEAD_DIM = 256
 # Where a BlockMask keeps its segments, with the (rows, length, device) they were planned for: every
 # wide layer of a forward (and the checkpointed recompute) is handed the same mask object.
 _PLAN_ATTRIBUTE = "_qlora_segment_plan"
+# model.flex_block_size of each model that set one, by its config (what the mask function is given):
+# id -> (a weak reference to check identity, the block size).
+_BLOCK_SIZES: dict[int, tuple[weakref.ref[PretrainedConfig], int]] = {}
+
+
+def set_flex_block_size(model: PreTrainedModel, size: int | None) -> None:
+    """Build `model`'s flex block masks in blocks of `size` x `size` positions (None: torch's 128).
+
+    Flex attention computes every block a query block shares with some key, masked or not. A
+    padding-free row of ~240-token examples in 128-wide blocks computes ~40% more scores than in
+    64-wide ones (BENCHMARKS.md). The kernel's own tiles must divide the block: on an H100/H200, 64
+    fits 256-wide heads (Gemma-2, Gemma-3) and not 128-wide ones (their backward tiles are 128)."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if size is None:
+            _BLOCK_SIZES.pop(id(config), None)
+        else:
+            _BLOCK_SIZES[id(config)] = (weakref.ref(config), size)
+
+
+def flex_block_size(config: PretrainedConfig | None) -> int | None:
+    """The block size `set_flex_block_size` gave the model of `config`, None for torch's default."""
+    entry = _BLOCK_SIZES.get(id(config))
+    return entry[1] if entry is not None and entry[0]() is config else None
+
+
+@contextmanager
+def _sparse_block_size(size: int | None) -> Iterator[None]:
+    """transformers' flex_attention_mask calls create_block_mask with torch's default block size and
+    no switch for it: while it runs, its module's create_block_mask is given `size`."""
+    if size is None:
+        yield
+        return
+    original = masking_utils.create_block_mask
+    masking_utils.create_block_mask = functools.partial(original, BLOCK_SIZE=size)
+    try:
+        yield
+    finally:
+        masking_utils.create_block_mask = original
 
 
 def _dynamic_flex_attention_mask(*args: Any, **kwargs: Any) -> BlockMask:
-    """transformers' flex block mask, compiled for symbolic row lengths (`configure_flex_compile`)."""
-    with torch._dynamo.config.patch(assume_static_by_default=False):
+    """transformers' flex block mask, compiled for symbolic row lengths (`configure_flex_compile`), in
+    the model's blocks (`set_flex_block_size`)."""
+    size = flex_block_size(kwargs.get("config"))
+    with torch._dynamo.config.patch(assume_static_by_default=False), _sparse_block_size(size):
         return masking_utils.flex_attention_mask(*args, **kwargs)
 
 

@@ -18,7 +18,7 @@ from transformers import (
 )
 from transformers.integrations.liger import apply_liger_kernel
 
-from qlora_exp.attention import configure_flex_compile, trainable_attention
+from qlora_exp.attention import configure_flex_compile, set_flex_block_size, trainable_attention
 from qlora_exp.cache import configure_compile_cache
 from qlora_exp.embedded import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
@@ -206,7 +206,9 @@ def apply_liger(model: PreTrainedModel, *, layer_kernels: bool = True) -> None:
 
 
 def apply_speed_kernels(model: PreTrainedModel, cfg: ModelConfig) -> None:
-    """Patch Liger's kernels into the loaded model and compile its layers, as configured."""
+    """Patch Liger's kernels into the loaded model, size its flex blocks and compile its layers, as
+    configured."""
+    set_flex_block_size(model, cfg.flex_block_size)
     if cfg.use_liger_kernel:
         apply_liger(model, layer_kernels=not cfg.compile_layers)
     if cfg.compile_layers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
+from transformers import PretrainedConfig
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     and_masks,
@@ -25,8 +27,10 @@ from qlora_exp import attention
 from qlora_exp.attention import (
     configure_flex_compile,
     flex_attention_or_segments,
+    flex_block_size,
     plan_segments,
     segment_attention,
+    set_flex_block_size,
 )
 from qlora_exp.data.packing import FlatteningCollator
 from qlora_exp.model import resolve_attention, resolve_source
@@ -53,6 +57,33 @@ def test_flex_block_masks_compile_once_for_every_row_length_and_stay_exact() -> 
     # A static first compile would compile again for the second length (2 graphs, 3 with no
     # automatic dynamic); a symbolic one serves all three, and leaves the argsort to ATen.
     assert counters["stats"]["unique_graphs"] - graphs == 1
+
+
+def test_a_models_flex_block_size_shapes_its_block_masks_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    configure_flex_compile()
+    seq = torch.cat([torch.full((n,), i) for i, n in enumerate([90, 150, 60])])[None]
+    mask_mod = and_masks(causal_mask_function, packed_sequence_mask_function(seq))
+    n = seq.shape[1]
+    small, other = PretrainedConfig(), PretrainedConfig()
+    model = SimpleNamespace(config=small)  # what set_flex_block_size reads of a model
+
+    def block_mask(config: PretrainedConfig) -> BlockMask:
+        build = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"]
+        with torch.compiler.set_stance("force_eager"):  # its compile is tested above
+            return build(1, n, n, mask_function=mask_mod, config=config, device="cpu")
+
+    set_flex_block_size(model, 64)  # type: ignore[arg-type]
+    masks = {"small": block_mask(small), "other": block_mask(other)}
+    assert masks["small"].BLOCK_SIZE == (64, 64) and masks["other"].BLOCK_SIZE == (128, 128)
+    allowed = create_mask(mask_mod, 1, None, n, n, device="cpu")[0, 0]
+    for mask in masks.values():  # every allowed position lies in a block the kernel computes
+        size = mask.BLOCK_SIZE[0]
+        blocks = mask.to_dense()[0, 0].bool().repeat_interleave(size, 0).repeat_interleave(size, 1)
+        assert not (allowed & ~blocks[:n, :n]).any()
+    computed = {name: int(mask.to_dense().sum()) * mask.BLOCK_SIZE[0] ** 2 for name, mask in masks.items()}
+    assert computed["small"] < 0.8 * computed["other"]  # finer blocks skip more masked positions
+    set_flex_block_size(model, None)  # type: ignore[arg-type]
+    assert flex_block_size(small) is None and block_mask(small).BLOCK_SIZE == (128, 128)
 
 
 def test_flex_attention_may_compile_for_every_mask_mode_and_shape_kind() -> None:

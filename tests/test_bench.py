@@ -67,7 +67,9 @@ def test_parse_setting_overrides_only_what_it_names() -> None:
     assert variant.attn_implementation == defaults.attn_implementation
 
 
-@pytest.mark.parametrize("spec", ["nocolon", "x:liger=2", "x:colour=red", "x:micro_batch=many", "x:optim="])
+@pytest.mark.parametrize(
+    "spec", ["nocolon", "x:liger=2", "x:colour=red", "x:micro_batch=many", "x:optim=", "x:flex_block=big"]
+)
 def test_parse_setting_rejects_what_it_cannot_read(spec: str) -> None:
     with pytest.raises(ConfigError, match="--extra"):
         parse_setting(spec, standard_settings(GEMMA, 32)[2])
@@ -98,6 +100,14 @@ def test_versions_are_the_run_directorys_plus_the_benchs_kernels() -> None:
 def test_micro_batch_must_divide_the_step() -> None:
     with pytest.raises(ConfigError, match="micro_batch=5 does not divide"):
         Setting("odd", "padding_free", 5, "eager", False).validate(32)
+
+
+def test_a_flex_block_size_needs_flex_attention() -> None:
+    with pytest.raises(ConfigError, match="flex_block=64 with attn=eager"):
+        Setting("blocks", "padding_free", 4, "eager", False, flex_block_size=64).validate(32)
+    Setting("blocks", "padding_free", 4, "flex_attention", False, flex_block_size=64).validate(32)
+    flex = parse_setting("f64:attn=flex_attention,flex_block=64", standard_settings(GEMMA, 32)[2])
+    assert flex.flex_block_size == 64 and parse_setting("f:flex_block=default", flex).flex_block_size is None
 
 
 def test_liger_settings_run_last_because_the_patch_cannot_be_undone() -> None:

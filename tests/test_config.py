@@ -140,6 +140,8 @@ def test_gemma3_prototype_is_the_reviewed_experiment_on_the_other_model() -> Non
         ("data.val_fraction=0", "data.val_fraction"),
         ("model.bnb_4bit_quant_type=int3", "model.bnb_4bit_quant_type"),
         ("tracking.mode=sometimes", "tracking.mode"),
+        ("model.flex_block_size=64", "model.flex_block_size"),  # eager attention: no block mask
+        ("model.attn_implementation=flex_attention model.flex_block_size=40", "model.flex_block_size"),
     ],
 )
 def test_impossible_values_name_the_key(override: str, key: str) -> None:

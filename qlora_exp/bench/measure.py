@@ -26,7 +26,7 @@ from transformers import (
     set_seed,
 )
 
-from qlora_exp.attention import trainable_attention
+from qlora_exp.attention import set_flex_block_size, trainable_attention
 from qlora_exp.bench.options import BenchOptions
 from qlora_exp.bench.recorder import StepRecorder
 from qlora_exp.bench.settings import Setting
@@ -158,6 +158,7 @@ def prepare_base(base: PreTrainedModel, setting: Setting, compute_dtype: str) ->
     because the checkpoint holds them in the compute dtype. Liger cannot be undone (order_settings).
     """
     base.set_attn_implementation(attention_implementations(base.config, setting.attn_implementation))
+    set_flex_block_size(base, setting.flex_block_size)
     hooks = set_unquantized_precision(
         base,
         upcast=setting.upcast_unquantized_params,
@@ -302,9 +303,11 @@ def run_setting(setting: Setting, shared: Shared) -> SettingResult:
     A failure while training is reported in the result (and the exit code), so the next setting runs.
     """
     # Where flex cannot train or layers cannot compile (CPU), the setting runs, and is reported, as eager.
+    attention = trainable_attention(setting.attn_implementation)
     setting = replace(
         setting,
-        attn_implementation=trainable_attention(setting.attn_implementation),
+        attn_implementation=attention,
+        flex_block_size=setting.flex_block_size if attention == "flex_attention" else None,
         compile_layers=layers_compile(setting.compile_layers),
     )
     plan = plan_steps(setting, shared.options)

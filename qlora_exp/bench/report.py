@@ -51,6 +51,13 @@ def markdown_table(results: list[SettingResult], loss_steps: int) -> str:
     return header + "\n".join(table_row(r, speed_ref, loss_ref) for r in results) + "\n"
 
 
+def _attention(s: Setting) -> str:
+    """The attention, with flex attention's block size where the setting sets one."""
+    if s.attn_implementation == "flex_attention" and s.flex_block_size is not None:
+        return f"flex_attention, {s.flex_block_size}-blocks"
+    return s.attn_implementation
+
+
 def table_row(r: SettingResult, speed_ref: SettingResult | None, loss_ref: SettingResult | None) -> str:
     """One setting's row: what it is, then what it measured (or its error) against the references."""
     s = r.setting
@@ -58,7 +65,7 @@ def table_row(r: SettingResult, speed_ref: SettingResult | None, loss_ref: Setti
         " (a step each)" if s.step_every_micro_batch else ""
     )
     lead = (
-        f"| {s.name} | {s.layout} | {accumulation} | {s.attn_implementation} | "
+        f"| {s.name} | {s.layout} | {accumulation} | {_attention(s)} | "
         f"{_on(s.use_liger_kernel)} | {'compiled' if s.compile_layers else 'eager'} | {_precision(s)} | "
         f"{s.optim} | {_fmt(s.lora_dropout, 'g')} | "
     )

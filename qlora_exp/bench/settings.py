@@ -25,8 +25,8 @@ PROTOTYPE_MAX_LENGTH = 512  # the prototype's data.max_length: its rows were pad
 # and 4 x 64 of them would take most of a 10-minute command.
 PROTOTYPE_EXAMPLES_PER_STEP = 16
 EXTRA_KEYS = (
-    "layout=, micro_batch=N, attn=, liger=0|1, upcast=0|1, fp32_residual=0|1, compile=0|1, "
-    "lora_dropout=P, optim=NAME"
+    "layout=, micro_batch=N, attn=, flex_block=N|default, liger=0|1, upcast=0|1, fp32_residual=0|1, "
+    "compile=0|1, lora_dropout=P, optim=NAME"
 )
 
 
@@ -42,6 +42,7 @@ class Setting:
     upcast_unquantized_params: bool = True
     fp32_residual: bool = False
     compile_layers: bool = False
+    flex_block_size: int | None = None  # None: torch's default (128)
     lora_dropout: float | None = None  # None: the LoRA defaults' (select_settings resolves it)
     optim: str | None = None  # None: --optim
     examples_per_step: int | None = None  # None: --examples-per-step
@@ -67,6 +68,13 @@ class Setting:
         if self.layout not in LAYOUTS:
             raise ConfigError(
                 f"setting {self.name}: layout {self.layout!r}. Fix: use one of {', '.join(LAYOUTS)}"
+            )
+        if self.flex_block_size is not None and (
+            self.attn_implementation != "flex_attention" or self.flex_block_size < 16 or self.flex_block_size % 16
+        ):
+            raise ConfigError(
+                f"setting {self.name}: flex_block={self.flex_block_size} with attn={self.attn_implementation}. "
+                "Fix: a multiple of 16 (e.g. 64), with attn=flex_attention only"
             )
         if self.micro_batch < 1 or examples_per_step % self.micro_batch:
             raise ConfigError(
@@ -109,6 +117,7 @@ def standard_settings(
             upcast_unquantized_params=model_cfg.upcast_unquantized_params,
             fp32_residual=model_cfg.fp32_residual,
             compile_layers=model_cfg.compile_layers,
+            flex_block_size=model_cfg.flex_block_size,
             description="the model preset's switches; one micro-batch per step, flattened without padding",
         ),
     ]
@@ -136,6 +145,8 @@ def parse_setting(spec: str, base: Setting) -> Setting:
             changes["fp32_residual"] = value == "1"
         elif key == "compile" and value in ("0", "1"):
             changes["compile_layers"] = value == "1"
+        elif key == "flex_block" and (value.isdigit() or value == "default"):
+            changes["flex_block_size"] = None if value == "default" else int(value)
         elif key == "lora_dropout" and _is_dropout(value):
             changes["lora_dropout"] = float(value)
         elif key == "optim" and value:

@@ -58,6 +58,10 @@ class ModelConfig:
     # LoRA's elementwise work around the matmuls (qlora_exp/layer_compile.py). CUDA only; Liger's kernels
     # then stay outside the layers (its fused LM head and loss remain).
     compile_layers: bool = False
+    # Flex attention's block mask in blocks of this many positions (null: torch's 128). Smaller blocks
+    # skip more of what a padding-free row's mask rules out; flex's kernel tiles must divide it
+    # (qlora_exp/attention.py: 64 fits 256-wide heads on an H100/H200, not 128-wide ones).
+    flex_block_size: int | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.name_or_path), "model.name_or_path", "is empty", "name a hub id or a local dir")
@@ -83,6 +87,19 @@ class ModelConfig:
             "also set model.upcast_unquantized_params=false (experts in the compute dtype)",
         )
         require_choice(self.attn_implementation, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
+        if self.flex_block_size is not None:
+            require(
+                self.attn_implementation == "flex_attention",
+                "model.flex_block_size",
+                f"is set but model.attn_implementation={self.attn_implementation}, which has no block mask",
+                "set model.attn_implementation=flex_attention, or model.flex_block_size=null",
+            )
+            require(
+                self.flex_block_size >= 16 and self.flex_block_size % 16 == 0,
+                "model.flex_block_size",
+                f"must be a positive multiple of 16, got {self.flex_block_size}",
+                "use 64 or 128 (torch's default), or null",
+            )
         require_choice(self.bnb_4bit_quant_type, "model.bnb_4bit_quant_type", ("nf4", "fp4"))
         require_choice(self.bnb_4bit_compute_dtype, "model.bnb_4bit_compute_dtype", COMPUTE_DTYPES)
         if self.bnb_4bit_quant_storage is not None:
