@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,11 +26,11 @@ from qlora_exp.errors import ExitCode, exit_code_for
 from qlora_exp.generation import HeldOutSamples
 from qlora_exp.guards import NonFiniteGuard, PreemptionCallback, QuantizedWeightGuard, oom_advice
 from qlora_exp.model import build_quantized_model, count_trainable_parameters, load_tokenizer, save_adapter
-from qlora_exp.preference import build_preference_trainer, starting_run, train_and_evaluate_preference
 from qlora_exp.run.context import RunContext
 from qlora_exp.run.directory import DATA_STATS, METRICS, RunDirectory
 from qlora_exp.run.distributed import quiet_non_main_ranks
 from qlora_exp.run.finished import FinishedRun
+from qlora_exp.run.init_from import starting_run
 from qlora_exp.run.resume import prepare_resume
 from qlora_exp.run.sweep import JobFailure, end_failed_job, finished_objective
 from qlora_exp.schema import Config, to_schema
@@ -45,6 +46,9 @@ from qlora_exp.training import (
 )
 
 log = logging.getLogger(__name__)
+
+# A method's training and evaluation: its trainer and the checkpoint to resume from -> metrics.json's figures.
+TrainFunction = Callable[[Trainer, Path | None], dict[str, Any]]
 
 
 def run_experiment(cfg: DictConfig, run: RunContext) -> float:
@@ -73,7 +77,7 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
         run_directory.write_json(DATA_STATS, data.stats.to_dict())
         run_directory.write_provenance(data_fingerprint=data.fingerprint)
         baseline = baseline_cache(schema, data.cache_key)
-        trainer = method_trainer(schema, tokenizer, data, run_dir, start, baseline=baseline)
+        trainer, train = method_trainer(schema, tokenizer, data, run_dir, start, baseline=baseline)
         model = cast(PeftModel, trainer.model)  # both methods train a LoRA adapter
         trainable = count_trainable_parameters(model)
         extra = {"trainable_params": trainable, "lora_scale": schema.lora.scale}
@@ -92,7 +96,6 @@ def run_experiment(cfg: DictConfig, run: RunContext) -> float:
                 *build_evaluation_callbacks(schema.trainer),
             ):
                 trainer.add_callback(callback)
-            train = train_and_evaluate_preference if schema.method.preference else train_and_evaluate
             metrics = {**train(trainer, checkpoint), **samples.metrics, **startup.metrics, **extra}
             check_peak_memory(schema.peak_memory_gb, metrics)
             if run_directory.writer:
@@ -113,14 +116,19 @@ def method_trainer(
     start: FinishedRun | None,
     *,
     baseline: BaselineCache | None = None,
-) -> Trainer:
-    """The configured method's trainer, with its model: SFT's Trainer, or DPO's (qlora_exp/preference.py).
-    `baseline`: where SFT's step-0 evaluation is shared by a sweep's jobs (qlora_exp/baseline.py)."""
+) -> tuple[Trainer, TrainFunction]:
+    """The configured method's trainer, with its model, and the function that trains and evaluates it
+    (metrics.json's figures): SFT's Trainer, or DPO's (qlora_exp/preference.py). `baseline`: where
+    SFT's step-0 evaluation is shared by a sweep's jobs (qlora_exp/baseline.py)."""
     if cfg.method.preference:
-        return build_preference_trainer(cfg, tokenizer, data, run_dir, start)
+        # Imported here, not at the top: TRL (and the W&B it imports) cost ~1.5 s per process that an
+        # SFT run, e.g. each job process of a sweep, would otherwise pay for nothing.
+        from qlora_exp.preference import build_preference_trainer, train_and_evaluate_preference  # noqa: PLC0415
+
+        return build_preference_trainer(cfg, tokenizer, data, run_dir, start), train_and_evaluate_preference
     model = build_quantized_model(cfg.model, cfg.lora)
     arguments = build_training_arguments(cfg.trainer, run_dir, cfg.seed)
-    return build_trainer(model, tokenizer, data, arguments, baseline)
+    return build_trainer(model, tokenizer, data, arguments, baseline), train_and_evaluate
 
 
 def run_job(cfg: DictConfig, run: RunContext) -> float | JobFailure:

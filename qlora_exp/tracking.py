@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import wandb
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from qlora_exp.run.context import RunContext
@@ -34,6 +33,9 @@ from qlora_exp.schema import Config, TrackingConfig, to_plain_dict
 from qlora_exp.training import perplexity
 
 log = logging.getLogger(__name__)
+# W&B is imported where it is used (open_wandb_run, log_table, log_adapter), not at the top: its
+# import (~1 s) would otherwise be paid by every process that trains with tracking=none (smoke runs,
+# tests, sweep jobs without W&B).
 
 ARTIFACT_TYPE = "model"
 # metrics.json keys that judge an adapter (the artifact's metadata carries them)
@@ -68,6 +70,8 @@ def open_wandb_run(
     is an `offline-run-*-ID` folder with the same id; `wandb sync` joins them in order)."""
     id_file = directory / WANDB_RUN_ID_FILE
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    import wandb  # noqa: PLC0415  (see the note at the top)
+
     run = wandb.init(
         project=cfg.project,
         entity=cfg.entity,
@@ -126,6 +130,8 @@ class Tracker:
         if self.run is not None and rows:
             names = list(rows[0])
             columns: list[str | int] = [*names]
+            import wandb  # noqa: PLC0415  (see the note at the top)
+
             table = wandb.Table(columns=columns, data=[[row[n] for n in names] for row in rows])
             self.run.log({key: table}, step=step)
 
@@ -152,6 +158,8 @@ class Tracker:
             "git_dirty": provenance["git"]["dirty"],
             "metrics": {key: metrics[key] for key in EVAL_METRICS if key in metrics},
         }
+        import wandb  # noqa: PLC0415  (see the note at the top)
+
         artifact = wandb.Artifact(
             f"adapter-{self.run.id}",
             type=ARTIFACT_TYPE,

@@ -22,6 +22,7 @@ from qlora_exp.errors import ExitCode
 from qlora_exp.model import attach_lora, load_tokenizer
 from qlora_exp.preference import REFERENCE_ADAPTER, PreferenceTrainer, build_preference_trainer
 from qlora_exp.run.finished import FinishedRun
+from qlora_exp.run.init_from import starting_run
 from qlora_exp.schema import LoraConfig, to_schema
 from tests.support import TINY_RUN, compose_config, train_in_process
 
@@ -253,7 +254,7 @@ def test_init_from_takes_the_runs_adapter_settings_this_run_leaves_at_their_defa
     (run / "resolved_config.yaml").write_text(yaml.safe_dump(trained))
     caplog.set_level(logging.INFO, logger="qlora_exp")
     cfg = compose_config(*TINY_DPO, f"method.init_from={run}")
-    continued, start = preference.starting_run(cfg, to_schema(cfg))
+    continued, start = starting_run(cfg, to_schema(cfg))
     assert start is not None and start.path == run
     schema = to_schema(continued)
     assert (schema.lora.r, schema.lora.alpha, schema.lora.target_modules) == (8, 16, ["q_proj", "v_proj"])

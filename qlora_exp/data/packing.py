@@ -17,7 +17,6 @@ from typing import Any
 
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, PreTrainedTokenizerBase
-from trl import pack_dataset
 
 from qlora_exp.data.tokenization import IGNORE_INDEX
 
@@ -57,6 +56,10 @@ def unpack_bin(feature: dict[str, Any]) -> list[dict[str, Any]]:
 def pack_examples(dataset: Dataset, capacity: int) -> Dataset:
     """Examples binned best-fit-decreasing into rows of at most `capacity` tokens (TRL's `pack_dataset`),
     each row listing its examples' lengths in `seq_lengths`."""
+    # TRL imported here, not at the top: only data.packing needs it, and its import (~1 s, W&B
+    # included) would otherwise be paid by every process that trains or reads data.
+    from trl import pack_dataset  # noqa: PLC0415
+
     return pack_dataset(dataset.select_columns(["input_ids", "labels"]), capacity, strategy="bfd")
 
 

@@ -22,12 +22,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
-from trl.data_utils import extract_prompt
-from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from qlora_exp.data.cache import CachedData
 from qlora_exp.data.formats import (
@@ -46,6 +44,9 @@ from qlora_exp.data.sources import SourceRow
 from qlora_exp.data.tokenization import IGNORE_INDEX, TEMPLATE_INCONSISTENT, Encoded, encode_conversations
 from qlora_exp.errors import DataError
 from qlora_exp.schema import Config, DataColumnsConfig
+
+if TYPE_CHECKING:  # the collator's annotation; TRL is imported where it is used (_shared_beginning)
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,10 @@ T = TypeVar("T", str, list[Message])
 
 def _shared_beginning(chosen: T, rejected: T) -> tuple[T, T, T]:
     """The prompt the two answers share (characters or turns; TRL's `extract_prompt`) and each rest."""
+    # TRL imported here and in `collator`, not at the top: only method=dpo needs it, and every run
+    # imports this module (build_data_module); TRL's import (~1 s, W&B included) is an SFT run's waste.
+    from trl.data_utils import extract_prompt  # noqa: PLC0415
+
     shared = extract_prompt({"chosen": chosen, "rejected": rejected})
     return cast(T, shared["prompt"]), cast(T, shared["chosen"]), cast(T, shared["rejected"])
 
@@ -349,6 +354,8 @@ class PreferenceDataModule(DataModule):
 
     def collator(self) -> DataCollatorForPreference:  # type: ignore[override]
         """TRL's preference collator: chosen then rejected sequences, padded to the batch's longest."""
+        from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: PLC0415  (see _shared_beginning)
+
         return DataCollatorForPreference(pad_token_id=self.tokenizer.pad_token_id)
 
 
