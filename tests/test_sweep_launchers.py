@@ -18,7 +18,7 @@ from qlora_exp.cli.train import CONF_DIR
 from qlora_exp.errors import ConfigError
 from qlora_exp.run.directory import HISTORY_FILE
 from qlora_exp.run.gpu_share import choose_jobs_per_gpu
-from tests.support import run_cli, run_cli_in_process, train_in_process
+from tests.support import run_cli_in_process, train_in_process
 
 # The plugin is in the dev extra (CI runs these tests) and the ray extra.
 RAY = importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None
@@ -68,16 +68,23 @@ def test_optuna_preset_stores_its_study_in_the_sweep_dir() -> None:
 @pytest.mark.skipif(not RAY, reason=NO_RAY)
 def test_two_jobs_as_ray_tasks_on_the_cpu(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "ray"
-    result = run_cli(
-        "qlora-train",
-        "-m",
-        *TWO_JOBS,
-        "hydra/launcher=ray_gpus",
-        "hydra.launcher.ray.remote.num_gpus=0",
-        "+hydra.launcher.ray.init.num_cpus=2",
-        "+hydra.launcher.ray.init.include_dashboard=false",  # seconds less to start Ray
-        f"hydra.sweep.dir={sweep_dir}",
-    )
+    # The sweep's own process (Ray's driver) is this one; Ray starts the job processes. The launcher
+    # leaves Ray running after the sweep, as a process would at its exit: stopped here.
+    import ray  # noqa: PLC0415  here, not at the top: the ray extra is optional (RAY) and every worker imports this module
+
+    try:
+        result = run_cli_in_process(
+            "qlora-train",
+            "-m",
+            *TWO_JOBS,
+            "hydra/launcher=ray_gpus",
+            "hydra.launcher.ray.remote.num_gpus=0",
+            "+hydra.launcher.ray.init.num_cpus=2",
+            "+hydra.launcher.ray.init.include_dashboard=false",  # seconds less to start Ray
+            f"hydra.sweep.dir={sweep_dir}",
+        )
+    finally:
+        ray.shutdown()
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert len(completed_jobs(sweep_dir)) == 2
     assert "_run_job pid=" in result.stdout + result.stderr  # Ray's worker-prefixed job logs
