@@ -143,10 +143,15 @@ def step_real_tokens(examples: Dataset, plan: StepPlan) -> list[int]:
 
 
 def load_shared_base(model_cfg: ModelConfig, attn_implementation: str) -> PreTrainedModel:
-    """The base every setting shares: no Liger, no precision hooks; each setting switches what it needs."""
+    """The base every setting shares: no Liger, no precision hooks, torch's flex blocks; each setting
+    switches what it needs."""
     return load_trainable_base(
         replace(
-            model_cfg, use_liger_kernel=False, fp32_residual=False, attn_implementation=attn_implementation
+            model_cfg,
+            use_liger_kernel=False,
+            fp32_residual=False,
+            attn_implementation=attn_implementation,
+            flex_block_size=None,
         )
     )
 
