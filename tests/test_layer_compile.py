@@ -127,3 +127,24 @@ def test_bench_compile_and_lora_dropout_keys_and_their_order() -> None:
     for spec in ("x:compile=2", "x:lora_dropout=1", "x:lora_dropout=none"):
         with pytest.raises(ConfigError, match="--extra"):
             parse_setting(spec, defaults)
+
+
+def test_a_later_model_compiles_afresh_not_as_a_recompile_of_the_first(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sweep's second job in the same process: torch.compile's in-memory state is dropped, once per
+    new model, so its layers compile as a new process's would (not as a dynamic-shape recompile)."""
+    resets: list[int] = []
+    monkeypatch.setattr(layer_compile, "_compiled_before", False)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    first = tiny_lora_model("tiny-gemma2", "eager", "lora.r=8")
+    second = tiny_lora_model("tiny-gemma2", "eager", "lora.r=16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as layers compile only with CUDA
+    with caplog.at_level(logging.INFO, logger="qlora_exp.layer_compile"):
+        layer_compile.compile_decoder_layers(first, backend="aot_eager")
+        assert not resets  # the process's first compile keeps what is there
+        layer_compile.compile_decoder_layers(first, backend="aot_eager")
+        assert not resets  # its layers are compiled already: nothing to drop
+        layer_compile.compile_decoder_layers(second, backend="aot_eager")
+    assert resets == [1]
+    assert "compiling afresh" in caplog.text
