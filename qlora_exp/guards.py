@@ -167,15 +167,17 @@ class NonFiniteGuard(TrainerCallback):
         """Read the pending norms back and update the streak; raise once it reaches `patience`."""
         if not self.pending:
             return
-        steps, norms = zip(*self.pending)
+        steps, norms = zip(*self.pending, strict=True)
         self.pending = []
-        device = norms[-1].device
-        for step, norm in zip(steps, torch.stack([n.to(device, torch.float32) for n in norms]).tolist()):
+        values = torch.stack([n.to(norms[-1].device, torch.float32) for n in norms]).tolist()
+        for step, norm in zip(steps, values, strict=True):
             if math.isfinite(norm):
                 self.streak = 0
                 continue
             self.streak += 1
-            log.warning("step %d: gradient norm is %s (%d of %d allowed)", step, norm, self.streak, self.patience)
+            log.warning(
+                "step %d: gradient norm is %s (%d of %d allowed)", step, norm, self.streak, self.patience
+            )
             if self.streak >= self.patience:
                 raise NumericalError(
                     f"step {step}: loss or gradient norm is {norm} for {self.streak} consecutive optimizer "
@@ -187,7 +189,12 @@ class NonFiniteGuard(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
-        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
+        if (
+            control.should_log
+            or control.should_evaluate
+            or control.should_save
+            or control.should_training_stop
+        ):
             self.settle(args)
         if self.streak:
             control.should_save = False

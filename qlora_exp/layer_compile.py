@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 32
 _EAGER_FORWARD = "_qlora_eager_forward"
 # Whether this process has compiled some model's layers before (a sweep's earlier job, a bench setting).
-_compiled_before = False
+_PROCESS = {"compiled_before": False}
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -109,8 +109,7 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
     if not layers_compile(True):
         return 0
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    global _compiled_before
-    if _compiled_before and not any(hasattr(layer, _EAGER_FORWARD) for layer in layers):
+    if _PROCESS["compiled_before"] and not any(hasattr(layer, _EAGER_FORWARD) for layer in layers):
         # A later model in this process (a sweep's next job, another bench setting): its layers would
         # fail the earlier compile's guards (another LoRA rank, peft's scaling constant) and recompile
         # with dynamic shapes, which took 80 s for a Gemma-2-9B sweep's second job on an H200 against
@@ -118,7 +117,7 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
         # in-memory compiles makes it compile as a new process does, from the on-disk caches.
         torch._dynamo.reset()
         log.info("model.compile_layers: earlier compiles of this process dropped; compiling afresh")
-    _compiled_before = True
+    _PROCESS["compiled_before"] = True
     for layer in layers:
         if hasattr(layer, _EAGER_FORWARD):
             continue  # already compiled

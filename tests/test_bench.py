@@ -276,7 +276,15 @@ def test_idle_report_charges_each_gpu_hole_to_the_host_op_open_when_it_began(tmp
     ms = 1000.0  # trace times are in microseconds
 
     def span(name: str, cat: str, start: float, end: float, tid: int) -> dict[str, object]:
-        return {"ph": "X", "cat": cat, "name": name, "ts": start * ms, "dur": (end - start) * ms, "pid": 1, "tid": tid}
+        return {
+            "ph": "X",
+            "cat": cat,
+            "name": name,
+            "ts": start * ms,
+            "dur": (end - start) * ms,
+            "pid": 1,
+            "tid": tid,
+        }
 
     kernels = [(0, 100, 7), (90, 160, 8), (300, 400, 7), (450, 460, 7), (480, 485, 7), (490, 500, 7)]
     events = [span("k", "kernel", start, end, stream) for start, end, stream in kernels]
@@ -288,7 +296,9 @@ def test_idle_report_charges_each_gpu_hole_to_the_host_op_open_when_it_began(tmp
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": events}))
     report = idle_report(trace, min_hole_us=10 * ms).splitlines()
-    assert report[0].startswith("GPU timeline: 500.0 ms from first to last GPU work, busy 285.0 ms, idle 215.0 ms")
+    assert report[0].startswith(
+        "GPU timeline: 500.0 ms from first to last GPU work, busy 285.0 ms, idle 215.0 ms"
+    )
     assert "in 4 holes; holes under 10000 µs: 5.0 ms in all" in report[0]
     assert report[2:] == [
         "  140.0 |     1 | step > aten::item",

@@ -135,7 +135,7 @@ def test_a_later_model_compiles_afresh_not_as_a_recompile_of_the_first(
     """A sweep's second job in the same process: torch.compile's in-memory state is dropped, once per
     new model, so its layers compile as a new process's would (not as a dynamic-shape recompile)."""
     resets: list[int] = []
-    monkeypatch.setattr(layer_compile, "_compiled_before", False)
+    monkeypatch.setitem(layer_compile._PROCESS, "compiled_before", False)
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     first = tiny_lora_model("tiny-gemma2", "eager", "lora.r=8")
     second = tiny_lora_model("tiny-gemma2", "eager", "lora.r=16")

@@ -318,21 +318,25 @@ def test_non_finite_gradients_stop_after_patience(tmp_path: Path) -> None:
     guard = NonFiniteGuard(patience=2)
 
     def optimizer_step(step: int, grad: float) -> None:
-        guard.on_pre_optimizer_step(args, TrainerState(global_step=step - 1), _control(), model=_model_with_grad(grad))
+        guard.on_pre_optimizer_step(
+            args, TrainerState(global_step=step - 1), _control(), model=_model_with_grad(grad)
+        )
 
     optimizer_step(5, float("nan"))
     assert guard.on_step_end(args, TrainerState(global_step=5), _control()) is not None
     assert len(guard.pending) == 1  # a step that neither logs nor saves reads nothing back
     control = _control()
     control.should_save = True
-    assert not guard.on_step_end(args, TrainerState(global_step=6), control).should_save  # poisoned: no checkpoint
+    assert not guard.on_step_end(
+        args, TrainerState(global_step=6), control
+    ).should_save  # poisoned: no checkpoint
     optimizer_step(7, 1.0)  # the streak resets
     optimizer_step(8, float("inf"))
     optimizer_step(9, float("nan"))  # the streak reaches 2 here, read back at the next log
     optimizer_step(10, 1.0)
     control = _control()
     control.should_log = True
-    with pytest.raises(NumericalError, match="step 9: .* for 2 consecutive") as info:
+    with pytest.raises(NumericalError, match=r"step 9: .* for 2 consecutive") as info:
         guard.on_step_end(args, TrainerState(global_step=10), control)
     assert "trainer.learning_rate (now 1e+30)" in str(info.value)
     assert info.value.exit_code == ExitCode.NUMERICAL
@@ -341,7 +345,9 @@ def test_non_finite_gradients_stop_after_patience(tmp_path: Path) -> None:
 def test_non_finite_gradients_are_read_back_when_training_ends(tmp_path: Path) -> None:
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     guard = NonFiniteGuard(patience=1)
-    guard.on_pre_optimizer_step(args, TrainerState(global_step=2), _control(), model=_model_with_grad(float("inf")))
+    guard.on_pre_optimizer_step(
+        args, TrainerState(global_step=2), _control(), model=_model_with_grad(float("inf"))
+    )
     with pytest.raises(NumericalError, match="step 3: "):
         guard.on_train_end(args, TrainerState(global_step=3), _control())
 

@@ -21,7 +21,10 @@ def _batches(pad: int) -> list[dict[str, torch.Tensor]]:
     ids = torch.tensor([[5, 6, 7, pad], [8, 9, pad, pad]])
     return [
         {"input_ids": ids, "attention_mask": (ids != pad).long()},
-        {"input_ids": torch.tensor([[5, 6, 7, 8, 9, pad, 4]]), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 0]])},
+        {
+            "input_ids": torch.tensor([[5, 6, 7, 8, 9, pad, 4]]),
+            "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 0]]),
+        },
     ]
 
 

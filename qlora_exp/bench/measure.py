@@ -189,7 +189,9 @@ class BenchTrainer(SupervisedTrainer):
         super().__init__(*args, **kwargs)
         self.micro_batch_losses: list[torch.Tensor] = []
 
-    def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.micro_batch_losses.append(loss)  # what the Trainer adds to the loss it logs
         return loss

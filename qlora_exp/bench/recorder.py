@@ -8,6 +8,7 @@ idle gap that training does not have. The marks are read once, when training end
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
 import shutil
 import time
@@ -50,10 +51,9 @@ class StepRecorder(TrainerCallback):
         """Each step's seconds; reading them waits for the GPU to finish what was queued."""
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        marks = self._marks
         return [
             start.elapsed_time(end) / 1e3 if isinstance(start, torch.cuda.Event) else end - start  # type: ignore[arg-type,operator]
-            for start, end in zip(marks, marks[1:])
+            for start, end in itertools.pairwise(self._marks)
         ]
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

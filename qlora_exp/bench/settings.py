@@ -70,10 +70,13 @@ class Setting:
                 f"setting {self.name}: layout {self.layout!r}. Fix: use one of {', '.join(LAYOUTS)}"
             )
         if self.flex_block_size is not None and (
-            self.attn_implementation != "flex_attention" or self.flex_block_size < 16 or self.flex_block_size % 16
+            self.attn_implementation != "flex_attention"
+            or self.flex_block_size < 16
+            or self.flex_block_size % 16
         ):
             raise ConfigError(
-                f"setting {self.name}: flex_block={self.flex_block_size} with attn={self.attn_implementation}. "
+                f"setting {self.name}: flex_block={self.flex_block_size} with "
+                f"attn={self.attn_implementation}. "
                 "Fix: a multiple of 16 (e.g. 64), with attn=flex_attention only"
             )
         if self.micro_batch < 1 or examples_per_step % self.micro_batch:

@@ -106,7 +106,7 @@ def idle_report(trace: Path, min_hole_us: float = 20.0, rows: int = 25) -> str:
     counts: dict[str, int] = defaultdict(int)
     small = sum(end - start for start, end in holes if end - start < min_hole_us)
     large = [(start, end) for start, end in holes if end - start >= min_hole_us]
-    for (start, end), cause in zip(large, host_ops_at(host, [start for start, _ in large])):
+    for (start, end), cause in zip(large, host_ops_at(host, [start for start, _ in large]), strict=True):
         charged[cause] += end - start
         counts[cause] += 1
     idle = window - busy
