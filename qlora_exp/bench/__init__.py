@@ -21,6 +21,7 @@ settings are comparable one to one.
 
 Modules: `options` (the command line, frozen), `settings` (the named settings and what each
 changes), `data` (the examples), `measure` (one setting's model, batches, steps and timing; the
-batches come from the training path's collator), `recorder` (per-step timing inside the Trainer),
-`report` (bench.json, bench.md, the table), `run` (load once, run every setting, write as it goes).
+batches come from the training path's collator), `recorder` (per-step timing inside the Trainer, on
+the GPU's timeline), `timeline` (where a profiled step's GPU idled), `report` (bench.json, bench.md,
+the table), `run` (load once, run every setting, write as it goes).
 """
