@@ -30,6 +30,8 @@ from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from qlora_exp.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # torch.compile's default limit is 8 compiles per function. Compiled flex attention needs one per
@@ -55,12 +57,51 @@ def set_flex_block_size(model: PreTrainedModel, size: int | None) -> None:
     Flex attention computes every block a query block shares with some key, masked or not. A
     padding-free row of ~240-token examples in 128-wide blocks computes ~40% more scores than in
     64-wide ones (BENCHMARKS.md). The kernel's own tiles must divide the block: on an H100/H200, 64
-    fits 256-wide heads (Gemma-2, Gemma-3) and not 128-wide ones (their backward tiles are 128)."""
+    fits 256-wide heads (Gemma-2, Gemma-3) and not 128-wide ones (their backward tiles are 128): a
+    size the tiles do not divide is refused here (`check_flex_tiles`), not at the first step's compile."""
+    if size is not None:
+        check_flex_tiles(model.config.get_text_config(), size)
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         if size is None:
             _BLOCK_SIZES.pop(id(config), None)
         else:
             _BLOCK_SIZES[id(config)] = (weakref.ref(config), size)
+
+
+def check_flex_tiles(config: PretrainedConfig, size: int) -> None:
+    """Refuse a block size that flex attention's default kernel tiles on this GPU do not divide.
+
+    torch picks the tiles per GPU generation and head width (Inductor's CUDA heuristics) and fails
+    the compile with "Q and KV block size must be divisible by BLOCK_M and BLOCK_N" at the first
+    training step; this asks the same heuristics at load. Without CUDA flex attention does not train
+    (`trainable_attention`), and where torch has moved those heuristics nothing is checked here.
+    """
+    if not torch.cuda.is_available():
+        return
+    try:  # a private module of torch's, imported here so that its absence only skips the check
+        from torch._inductor.template_heuristics.triton import CUDAConfigHeuristic  # noqa: PLC0415
+    except ImportError:
+        return
+    heuristic = CUDAConfigHeuristic()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim > FLEX_MAX_HEAD_DIM:
+        return  # the wide-head path (segment_attention) has no kernel tiles
+    dtype = torch.bfloat16  # the tile tables are the same for fp16; fp32 attention is not trained here
+    forward = [(c.block_m, c.block_n) for c in heuristic.get_flex_attn_fwd_configs(head_dim, dtype)]
+    backward = [
+        (c.block_m1, c.block_n1, c.block_m2, c.block_n2)
+        for c in heuristic.get_flex_attn_bwd_configs(head_dim, dtype)
+    ]
+    if not (
+        any(all(size % tile == 0 for tile in tiles) for tiles in forward)
+        and any(all(size % tile == 0 for tile in tiles) for tiles in backward)
+    ):
+        raise ConfigError(
+            f"model.flex_block_size={size}: flex attention's kernel tiles for {head_dim}-wide heads on "
+            f"this GPU (forward {forward}, backward {backward}) do not divide it, so its compile would "
+            "fail at the first step. Fix: a multiple of the largest tile (e.g. 128), or "
+            "model.flex_block_size=null for torch's default"
+        )
 
 
 def flex_block_size(config: PretrainedConfig | None) -> int | None:

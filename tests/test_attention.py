@@ -25,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qlora_exp import attention
 from qlora_exp.attention import (
+    check_flex_tiles,
     configure_flex_compile,
     flex_attention_or_segments,
     flex_block_size,
@@ -33,6 +34,7 @@ from qlora_exp.attention import (
     set_flex_block_size,
 )
 from qlora_exp.data.packing import FlatteningCollator
+from qlora_exp.errors import ConfigError
 from qlora_exp.model import resolve_attention, resolve_source
 from qlora_exp.schema import to_schema
 from tests.support import compose_config, loss_and_gradients, tiny_lora_model
@@ -84,6 +86,22 @@ def test_a_models_flex_block_size_shapes_its_block_masks_only(monkeypatch: pytes
     assert computed["small"] < 0.8 * computed["other"]  # finer blocks skip more masked positions
     set_flex_block_size(model, None)  # type: ignore[arg-type]
     assert flex_block_size(small) is None and block_mask(small).BLOCK_SIZE == (128, 128)
+
+
+def test_a_flex_block_size_the_gpus_kernel_tiles_do_not_divide_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Inductor's own tile heuristics, asked as on an H100/H200 (compute capability 9.0).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    wide, narrow = PretrainedConfig(head_dim=256), PretrainedConfig(head_dim=128)
+    check_flex_tiles(wide, 64)  # Gemma-2's heads: the preset's 64 fits their tiles
+    check_flex_tiles(narrow, 128)
+    with pytest.raises(ConfigError, match=r"model\.flex_block_size=64: .* 128-wide heads .* Fix: "):
+        check_flex_tiles(narrow, 64)
+    with pytest.raises(ConfigError, match=r"flex_block_size=32: .* 256-wide heads"):
+        set_flex_block_size(SimpleNamespace(config=wide), 32)  # type: ignore[arg-type]
+    assert flex_block_size(wide) is None  # refused before anything was set
 
 
 def test_flex_attention_may_compile_for_every_mask_mode_and_shape_kind() -> None:
