@@ -73,13 +73,34 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.freeze()
 
 
+# The longest end-to-end tests on 2 cores (their own processes: Ray, submitit, signals, torchrun; the
+# default run; a cold Inductor compile), longest first: started before the other slow tests, so that
+# none of them starts late and ends the run alone (README, "Tests", has their durations).
+LONGEST_FIRST = (
+    "tests/test_sweep_launchers.py::test_two_jobs_as_ray_tasks_on_the_cpu",
+    "tests/test_requeue.py::",
+    "tests/test_attention.py::test_flex_block_masks_compile_once",
+    "tests/test_train_cli.py::test_default_run_learns",
+    "tests/test_resume.py::",
+    "tests/test_distributed.py::test_torchrun",
+)
+
+
+def start_order(item: pytest.Item) -> tuple[bool, int]:
+    """Slow tests first, the LONGEST_FIRST ones first among them; otherwise each file's own order."""
+    rank = next(
+        (i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)), len(LONGEST_FIRST)
+    )
+    return item.get_closest_marker("slow") is None, rank
+
+
 @pytest.hookimpl(trylast=True)  # after xdist's own hook has tagged each grouped test
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """End-to-end (`slow`) tests first, each file's tests still in their order: `make test` runs the
-    suite on every core (`pytest -n NPROC --dist loadgroup`, each worker given the next test or
-    xdist_group in this order), and with the long tests started first the short ones fill the gaps
-    instead of one long test ending the run alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """End-to-end (`slow`) tests first, the longest of them first (`start_order`), each file's tests
+    otherwise in their order: `make test` runs the suite on every core (`pytest -n N --dist
+    loadgroup`, each worker given the next test or xdist_group in this order), and with the long
+    tests started first the short ones fill the gaps instead of one long test ending the run alone."""
+    items.sort(key=start_order)
     if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
         lost = [
             item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
