@@ -200,19 +200,19 @@ class DeviceTokenCountMixin:
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
         trainer: Trainer = self  # type: ignore[assignment]  # a mixin of Trainer subclasses
-        mode = trainer.args.include_num_input_tokens_seen
         name = getattr(trainer.model, "main_input_name", "input_ids")
         pad_id = getattr(trainer.processing_class, "pad_token_id", None)
-        if mode == "no" or name not in inputs:
-            super()._track_num_input_tokens(inputs)  # type: ignore[misc]  # its warning, if any
-            return
-        if mode != "non_padding":
-            count = torch.as_tensor(inputs[name].numel(), device=trainer.args.device, dtype=torch.int64)
+        # The Trainer's "non_padding" rule, the mode build_training_arguments sets; any other mode or
+        # input is left to the Trainer itself (its warnings included).
+        if trainer.args.include_num_input_tokens_seen != "non_padding" or name not in inputs:
+            count = None
         elif "attention_mask" in inputs:
             count = inputs["attention_mask"].sum()
         elif pad_id is not None:
             count = (inputs[name] != pad_id).sum()
-        else:  # the Trainer warns and counts every token
+        else:
+            count = None
+        if count is None:
             super()._track_num_input_tokens(inputs)  # type: ignore[misc]
             return
         count = trainer.accelerator.gather(count.to(device=trainer.args.device, dtype=torch.int64)).sum()

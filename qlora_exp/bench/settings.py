@@ -14,6 +14,7 @@ from typing import Any
 from qlora_exp.errors import ConfigError
 from qlora_exp.model import check_liger
 from qlora_exp.schema import ModelConfig
+from qlora_exp.schema.model import flex_block_size_problem
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,7 @@ class Setting:
             raise ConfigError(
                 f"setting {self.name}: layout {self.layout!r}. Fix: use one of {', '.join(LAYOUTS)}"
             )
-        if self.flex_block_size is not None and (
-            self.attn_implementation != "flex_attention"
-            or self.flex_block_size < 16
-            or self.flex_block_size % 16
-        ):
+        if flex_block_size_problem(self.attn_implementation, self.flex_block_size):
             raise ConfigError(
                 f"setting {self.name}: flex_block={self.flex_block_size} with "
                 f"attn={self.attn_implementation}. "

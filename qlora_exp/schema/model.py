@@ -12,6 +12,18 @@ COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 
 
+def flex_block_size_problem(attn_implementation: str, size: int | None) -> str | None:
+    """Why `size` cannot be flex attention's block size under `attn_implementation` (None: it can).
+    The GPU's own limit (its kernel tiles) is checked at load: attention.check_flex_tiles."""
+    if size is None:
+        return None
+    if attn_implementation != "flex_attention":
+        return f"is {size} but the attention is {attn_implementation}, which has no block mask"
+    if size < 16 or size % 16:
+        return f"must be a positive multiple of 16, got {size}"
+    return None
+
+
 @dataclass
 class ModelConfig:
     """Which base model to load and how to quantize it."""
@@ -87,19 +99,13 @@ class ModelConfig:
             "also set model.upcast_unquantized_params=false (experts in the compute dtype)",
         )
         require_choice(self.attn_implementation, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
-        if self.flex_block_size is not None:
-            require(
-                self.attn_implementation == "flex_attention",
-                "model.flex_block_size",
-                f"is set but model.attn_implementation={self.attn_implementation}, which has no block mask",
-                "set model.attn_implementation=flex_attention, or model.flex_block_size=null",
-            )
-            require(
-                self.flex_block_size >= 16 and self.flex_block_size % 16 == 0,
-                "model.flex_block_size",
-                f"must be a positive multiple of 16, got {self.flex_block_size}",
-                "use 64 or 128 (torch's default), or null",
-            )
+        problem = flex_block_size_problem(self.attn_implementation, self.flex_block_size)
+        require(
+            problem is None,
+            "model.flex_block_size",
+            problem or "",
+            "a multiple of 16 (64, or torch's 128) with model.attn_implementation=flex_attention, or null",
+        )
         require_choice(self.bnb_4bit_quant_type, "model.bnb_4bit_quant_type", ("nf4", "fp4"))
         require_choice(self.bnb_4bit_compute_dtype, "model.bnb_4bit_compute_dtype", COMPUTE_DTYPES)
         if self.bnb_4bit_quant_storage is not None:
