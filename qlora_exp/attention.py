@@ -46,37 +46,53 @@ FLEX_MAX_HEAD_DIM = 256
 # Where a BlockMask keeps its segments, with the (rows, length, device) they were planned for: every
 # wide layer of a forward (and the checkpointed recompute) is handed the same mask object.
 _PLAN_ATTRIBUTE = "_qlora_segment_plan"
-# model.flex_block_size of each model that set one, by its config (what the mask function is given):
-# id -> (a weak reference to check identity, the block size).
-_BLOCK_SIZES: dict[int, tuple[weakref.ref[PretrainedConfig], int]] = {}
+# Flex attention's tunables of each model that set one, by its config (what the mask function and
+# the attention modules are given): id -> (a weak reference to check identity, the settings).
+_SETTINGS: dict[int, tuple[weakref.ref[PretrainedConfig], FlexSettings]] = {}
 
 
-def set_flex_block_size(model: PreTrainedModel, size: int | None) -> None:
-    """Build `model`'s flex block masks in blocks of `size` x `size` positions (None: torch's 128).
+@dataclass(frozen=True)
+class FlexSettings:
+    """model.flex_block_size and model.flex_kernel_options of one model (None: torch's own)."""
+
+    block_size: int | None = None
+    kernel_options: dict[str, int] | None = None
+
+
+def set_flex_attention(
+    model: PreTrainedModel, block_size: int | None, kernel_options: dict[str, int] | None = None
+) -> None:
+    """Build `model`'s flex block masks in blocks of `block_size` x `block_size` positions (None:
+    torch's 128), and run its flex kernels with `kernel_options` (None: torch's tiles for the GPU).
 
     Flex attention computes every block a query block shares with some key, masked or not. A
     padding-free row of ~240-token examples in 128-wide blocks computes ~40% more scores than in
     64-wide ones (BENCHMARKS.md). The kernel's own tiles must divide the block: on an H100/H200, 64
     fits 256-wide heads (Gemma-2, Gemma-3) and not 128-wide ones (their backward tiles are 128): a
-    size the tiles do not divide is refused here (`check_flex_tiles`), not at the first step's compile."""
-    if size is not None:
-        check_flex_tiles(model.config.get_text_config(), size)
+    size the tiles do not divide is refused here (`check_flex_tiles`), not at the first step's compile.
+    `kernel_options` are torch's own (flex_attention's `kernel_options`), passed to every flex call of
+    the model: 8 warps instead of 4 for the backward of Gemma-2's 256-wide heads on an H200 took its
+    kernel from 2.72 to 2.16 ms (benchmarks/flex_tiles.py)."""
+    settings = FlexSettings(block_size, dict(kernel_options) if kernel_options else None)
+    check_flex_tiles(model.config.get_text_config(), settings)
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        if size is None:
-            _BLOCK_SIZES.pop(id(config), None)
+        if settings == FlexSettings():
+            _SETTINGS.pop(id(config), None)
         else:
-            _BLOCK_SIZES[id(config)] = (weakref.ref(config), size)
+            _SETTINGS[id(config)] = (weakref.ref(config), settings)
 
 
-def check_flex_tiles(config: PretrainedConfig, size: int) -> None:
-    """Refuse a block size that flex attention's default kernel tiles on this GPU do not divide.
+def check_flex_tiles(config: PretrainedConfig, settings: FlexSettings) -> None:
+    """Refuse a block size that flex attention's kernel tiles on this GPU do not divide.
 
-    torch picks the tiles per GPU generation and head width (Inductor's CUDA heuristics) and fails
-    the compile with "Q and KV block size must be divisible by BLOCK_M and BLOCK_N" at the first
-    training step; this asks the same heuristics at load. Without CUDA flex attention does not train
-    (`trainable_attention`), and where torch has moved those heuristics nothing is checked here.
+    torch picks the tiles per GPU generation and head width (Inductor's CUDA heuristics), the tiles
+    in `settings.kernel_options` replacing them, and fails the compile with "Q and KV block size must
+    be divisible by BLOCK_M and BLOCK_N" at the first training step; this asks the same heuristics at
+    load. Without CUDA flex attention does not train (`trainable_attention`), and where torch has
+    moved those heuristics nothing is checked here. Tiles that fit no block are refused earlier, in
+    the config (schema.model.flex_kernel_options_problem).
     """
-    if not torch.cuda.is_available():
+    if settings.block_size is None or not torch.cuda.is_available():
         return
     try:  # a private module of torch's, imported here so that its absence only skips the check
         from torch._inductor.template_heuristics.triton import CUDAConfigHeuristic  # noqa: PLC0415
@@ -87,14 +103,26 @@ def check_flex_tiles(config: PretrainedConfig, size: int) -> None:
     if head_dim > FLEX_MAX_HEAD_DIM:
         return  # the wide-head path (segment_attention) has no kernel tiles
     dtype = torch.bfloat16  # the tile tables are the same for fp16; fp32 attention is not trained here
-    forward = [(c.block_m, c.block_n) for c in heuristic.get_flex_attn_fwd_configs(head_dim, dtype)]
+    options = settings.kernel_options or {}
+
+    def tile(name: str, default: int, direction: str) -> int:
+        return options.get(f"{direction}_{name}", options.get(name, default))
+
+    forward = [
+        (tile("BLOCK_M", c.block_m, "fwd"), tile("BLOCK_N", c.block_n, "fwd"))
+        for c in heuristic.get_flex_attn_fwd_configs(head_dim, dtype)
+    ]
     backward = [
-        (c.block_m1, c.block_n1, c.block_m2, c.block_n2)
+        tuple(
+            tile(name, getattr(c, name.lower()), "bwd")
+            for name in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
+        )
         for c in heuristic.get_flex_attn_bwd_configs(head_dim, dtype)
     ]
+    size = settings.block_size
     if not (
-        any(all(size % tile == 0 for tile in tiles) for tiles in forward)
-        and any(all(size % tile == 0 for tile in tiles) for tiles in backward)
+        any(all(size % t == 0 for t in tiles) for tiles in forward)
+        and any(all(size % t == 0 for t in tiles) for tiles in backward)
     ):
         raise ConfigError(
             f"model.flex_block_size={size}: flex attention's kernel tiles for {head_dim}-wide heads on "
@@ -104,10 +132,10 @@ def check_flex_tiles(config: PretrainedConfig, size: int) -> None:
         )
 
 
-def flex_block_size(config: PretrainedConfig | None) -> int | None:
-    """The block size `set_flex_block_size` gave the model of `config`, None for torch's default."""
-    entry = _BLOCK_SIZES.get(id(config))
-    return entry[1] if entry is not None and entry[0]() is config else None
+def flex_settings(config: PretrainedConfig | None) -> FlexSettings:
+    """What `set_flex_attention` gave the model of `config` (torch's own where nothing was set)."""
+    entry = _SETTINGS.get(id(config))
+    return entry[1] if entry is not None and entry[0]() is config else FlexSettings()
 
 
 @contextmanager
@@ -127,8 +155,8 @@ def _sparse_block_size(size: int | None) -> Iterator[None]:
 
 def _dynamic_flex_attention_mask(*args: Any, **kwargs: Any) -> BlockMask:
     """transformers' flex block mask, compiled for symbolic row lengths (`configure_flex_compile`), in
-    the model's blocks (`set_flex_block_size`)."""
-    size = flex_block_size(kwargs.get("config"))
+    the model's blocks (`set_flex_attention`)."""
+    size = flex_settings(kwargs.get("config")).block_size
     with torch._dynamo.config.patch(assume_static_by_default=False), _sparse_block_size(size):
         return masking_utils.flex_attention_mask(*args, **kwargs)
 
@@ -180,8 +208,12 @@ def flex_attention_or_segments(
     attention_mask: torch.Tensor | BlockMask | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers' flex attention, or `segment_attention` for heads too wide to compile."""
+    """transformers' flex attention with the model's kernel options (`set_flex_attention`), or
+    `segment_attention` for heads too wide to compile."""
     if query.shape[-1] <= FLEX_MAX_HEAD_DIM or not isinstance(attention_mask, BlockMask):
+        options = flex_settings(getattr(module, "config", None)).kernel_options
+        if options is not None and kwargs.get("kernel_options") is None:
+            kwargs["kernel_options"] = options
         # None is what transformers passes where no mask is needed; its flex forward then masks nothing.
         return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)  # type: ignore[arg-type]
     for unsupported in ("softcap", "s_aux", "position_bias"):

@@ -18,12 +18,12 @@ from transformers import (
 )
 from transformers.integrations.liger import apply_liger_kernel
 
-from qlora_exp.attention import configure_flex_compile, set_flex_block_size, trainable_attention
+from qlora_exp.attention import configure_flex_compile, set_flex_attention, trainable_attention
 from qlora_exp.cache import configure_compile_cache
 from qlora_exp.embedded import is_embedded, resolve_embedded
 from qlora_exp.errors import ConfigError
 from qlora_exp.fused_loss import fuse_head_and_loss, liger_causal_lm_loss, uses_fused_loss_forward
-from qlora_exp.layer_compile import compile_decoder_layers
+from qlora_exp.layer_compile import compile_decoder_layers, set_uncheckpointed_layers
 from qlora_exp.moe.experts import liger_kernel_config
 from qlora_exp.moe.loading import experts_out_of_upcast, fused_experts_loading
 from qlora_exp.moe.lora import count_trainable_by_kind, load_adapter, target_lora
@@ -206,9 +206,9 @@ def apply_liger(model: PreTrainedModel, *, layer_kernels: bool = True) -> None:
 
 
 def apply_speed_kernels(model: PreTrainedModel, cfg: ModelConfig) -> None:
-    """Patch Liger's kernels into the loaded model, size its flex blocks and compile its layers, as
-    configured."""
-    set_flex_block_size(model, cfg.flex_block_size)
+    """Patch Liger's kernels into the loaded model, size its flex blocks and tiles and compile its
+    layers, as configured."""
+    set_flex_attention(model, cfg.flex_block_size, cfg.flex_kernel_options)
     if cfg.use_liger_kernel:
         apply_liger(model, layer_kernels=not cfg.compile_layers)
     if cfg.compile_layers:
@@ -231,6 +231,8 @@ def load_trainable_base(model_cfg: ModelConfig) -> PreTrainedModel:
             use_gradient_checkpointing=model_cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs=dict(GRADIENT_CHECKPOINTING_KWARGS),
         )
+    if model_cfg.uncheckpointed_layers:
+        set_uncheckpointed_layers(base, model_cfg.uncheckpointed_layers)
     set_unquantized_precision(
         base,
         upcast=model_cfg.upcast_unquantized_params,

@@ -25,13 +25,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qlora_exp import attention
 from qlora_exp.attention import (
+    FlexSettings,
     check_flex_tiles,
     configure_flex_compile,
     flex_attention_or_segments,
-    flex_block_size,
+    flex_settings,
     plan_segments,
     segment_attention,
-    set_flex_block_size,
+    set_flex_attention,
 )
 from qlora_exp.data.packing import FlatteningCollator
 from qlora_exp.errors import ConfigError
@@ -67,14 +68,14 @@ def test_a_models_flex_block_size_shapes_its_block_masks_only(monkeypatch: pytes
     mask_mod = and_masks(causal_mask_function, packed_sequence_mask_function(seq))
     n = seq.shape[1]
     small, other = PretrainedConfig(), PretrainedConfig()
-    model = SimpleNamespace(config=small)  # what set_flex_block_size reads of a model
+    model = SimpleNamespace(config=small)  # what set_flex_attention reads of a model
 
     def block_mask(config: PretrainedConfig) -> BlockMask:
         build = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"]
         with torch.compiler.set_stance("force_eager"):  # its compile is tested above
             return build(1, n, n, mask_function=mask_mod, config=config, device="cpu")
 
-    set_flex_block_size(model, 64)  # type: ignore[arg-type]
+    set_flex_attention(model, 64)  # type: ignore[arg-type]
     masks = {"small": block_mask(small), "other": block_mask(other)}
     assert masks["small"].BLOCK_SIZE == (64, 64) and masks["other"].BLOCK_SIZE == (128, 128)
     allowed = create_mask(mask_mod, 1, None, n, n, device="cpu")[0, 0]
@@ -84,8 +85,8 @@ def test_a_models_flex_block_size_shapes_its_block_masks_only(monkeypatch: pytes
         assert not (allowed & ~blocks[:n, :n]).any()
     computed = {name: int(mask.to_dense().sum()) * mask.BLOCK_SIZE[0] ** 2 for name, mask in masks.items()}
     assert computed["small"] < 0.8 * computed["other"]  # finer blocks skip more masked positions
-    set_flex_block_size(model, None)  # type: ignore[arg-type]
-    assert flex_block_size(small) is None and block_mask(small).BLOCK_SIZE == (128, 128)
+    set_flex_attention(model, None)  # type: ignore[arg-type]
+    assert flex_settings(small).block_size is None and block_mask(small).BLOCK_SIZE == (128, 128)
 
 
 def test_a_flex_block_size_the_gpus_kernel_tiles_do_not_divide_is_refused_at_load(
@@ -95,13 +96,37 @@ def test_a_flex_block_size_the_gpus_kernel_tiles_do_not_divide_is_refused_at_loa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
     wide, narrow = PretrainedConfig(head_dim=256), PretrainedConfig(head_dim=128)
-    check_flex_tiles(wide, 64)  # Gemma-2's heads: the preset's 64 fits their tiles
-    check_flex_tiles(narrow, 128)
+    check_flex_tiles(wide, FlexSettings(64))  # Gemma-2's heads: the preset's 64 fits their tiles
+    check_flex_tiles(narrow, FlexSettings(128))
     with pytest.raises(ConfigError, match=r"model\.flex_block_size=64: .* 128-wide heads .* Fix: "):
-        check_flex_tiles(narrow, 64)
+        check_flex_tiles(narrow, FlexSettings(64))
+    # Tiles given as kernel options replace torch's: 64-wide ones make 64 fit the 128-wide heads.
+    check_flex_tiles(narrow, FlexSettings(64, {"fwd_BLOCK_M": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64}))
+    with pytest.raises(ConfigError, match=r"flex_block_size=64: .* 256-wide heads"):
+        check_flex_tiles(wide, FlexSettings(64, {"fwd_BLOCK_M": 128}))
     with pytest.raises(ConfigError, match=r"flex_block_size=32: .* 256-wide heads"):
-        set_flex_block_size(SimpleNamespace(config=wide), 32)  # type: ignore[arg-type]
-    assert flex_block_size(wide) is None  # refused before anything was set
+        set_flex_attention(SimpleNamespace(config=wide), 32)  # type: ignore[arg-type]
+    assert flex_settings(wide) == FlexSettings()  # refused before anything was set
+
+
+def test_a_models_flex_kernel_options_reach_each_of_its_flex_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Any] = []
+
+    def flex_forward(module: Any, *args: Any, **kwargs: Any) -> tuple[None, None]:
+        seen.append(kwargs.get("kernel_options"))
+        return None, None
+
+    monkeypatch.setattr(attention, "flex_attention_forward", flex_forward)
+    tuned, other = PretrainedConfig(), PretrainedConfig()
+    set_flex_attention(SimpleNamespace(config=tuned), None, {"bwd_num_warps": 8})  # type: ignore[arg-type]
+    q = torch.zeros(1, 2, 4, 8)
+    for config in (tuned, other):
+        flex_attention_or_segments(SimpleNamespace(config=config), q, q, q, None)  # type: ignore[arg-type]
+    # A caller's own options win over the model's.
+    flex_attention_or_segments(SimpleNamespace(config=tuned), q, q, q, None, kernel_options={"num_warps": 4})  # type: ignore[arg-type]
+    assert seen == [{"bwd_num_warps": 8}, None, {"num_warps": 4}]
+    set_flex_attention(SimpleNamespace(config=tuned), None, None)  # type: ignore[arg-type]
+    assert flex_settings(tuned) == FlexSettings()
 
 
 def test_flex_attention_may_compile_for_every_mask_mode_and_shape_kind() -> None:

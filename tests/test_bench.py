@@ -20,7 +20,7 @@ from qlora_exp import attention
 from qlora_exp.bench.data import bench_dataset
 from qlora_exp.bench.measure import SettingResult, layout_collator, load_shared_base
 from qlora_exp.bench.options import BENCH_MODELS, parse_options
-from qlora_exp.bench.report import markdown_table, versions, write_report
+from qlora_exp.bench.report import markdown_table, table_row, versions, write_report
 from qlora_exp.bench.run import compose_model_section
 from qlora_exp.bench.settings import LAYOUTS, Setting, order_settings, parse_setting, standard_settings
 from qlora_exp.bench.timeline import NO_OP, idle_report
@@ -108,6 +108,23 @@ def test_a_flex_block_size_needs_flex_attention() -> None:
     Setting("blocks", "padding_free", 4, "flex_attention", False, flex_block_size=64).validate(32)
     flex = parse_setting("f64:attn=flex_attention,flex_block=64", standard_settings(GEMMA, 32)[2])
     assert flex.flex_block_size == 64 and parse_setting("f:flex_block=default", flex).flex_block_size is None
+
+
+def test_flex_kernel_options_are_read_checked_and_shown() -> None:
+    preset = dataclasses.replace(GEMMA, flex_kernel_options={"bwd_num_warps": 8})
+    defaults = standard_settings(preset, 32)[2]
+    assert defaults.flex_kernel_options == {"bwd_num_warps": 8}  # the preset's, as training runs
+    tuned = parse_setting("tma:flex_options=bwd_num_warps=8+USE_TMA=true", defaults)
+    assert tuned.flex_kernel_options == {"bwd_num_warps": 8, "USE_TMA": True}
+    tuned.validate(32)
+    assert "bwd_num_warps=8, USE_TMA=True" in table_row(
+        SettingResult(setting=tuned, steps=1, warmup_steps=0), None, None
+    )
+    assert parse_setting("torch:flex_options=default", tuned).flex_kernel_options is None
+    with pytest.raises(ConfigError, match=r"flex_options has 'PRESCALE_QK'.*Fix: "):
+        parse_setting("p:flex_options=PRESCALE_QK=true", defaults).validate(32)
+    with pytest.raises(ConfigError, match="flex_options are set but the attention is eager"):
+        parse_setting("e:attn=eager,flex_block=default", tuned).validate(32)
 
 
 def test_liger_settings_run_last_because_the_patch_cannot_be_undone() -> None:

@@ -1,6 +1,7 @@
 """model.compile_layers (qlora_exp/layer_compile.py): the compiled layers train as the eager ones do and
 share one compiled graph; evaluation stays eager; without CUDA nothing compiles; Liger's in-layer
-kernels stay out; the bench's compile and lora_dropout keys."""
+kernels stay out; the bench's compile and lora_dropout keys. model.uncheckpointed_layers: the last
+layers keep their activations and train as checkpointed ones do."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from qlora_exp import layer_compile
 from qlora_exp import model as model_module
 from qlora_exp.bench.settings import order_settings, parse_setting, standard_settings
 from qlora_exp.errors import ConfigError
-from qlora_exp.schema import ModelConfig
-from tests.support import loss_and_gradients, tiny_lora_model
+from qlora_exp.schema import ModelConfig, to_schema
+from tests.support import compose_config, loss_and_gradients, tiny_lora_model
 
 
 def _counted(calls: list[int], function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -148,3 +149,55 @@ def test_a_later_model_compiles_afresh_not_as_a_recompile_of_the_first(
         layer_compile.compile_decoder_layers(second, backend="aot_eager")
     assert resets == [1]
     assert "compiling afresh" in caplog.text
+
+
+def test_uncheckpointed_layers_keep_their_activations_and_train_the_same() -> None:
+    model = tiny_lora_model("tiny-gemma2", "eager", "model.gradient_checkpointing=true").train()
+    layers = layer_compile.decoder_layers(model)
+    checkpoints: list[int] = []
+    for layer in layers:
+        layer._gradient_checkpointing_func = partial(
+            _counted, checkpoints, layer._gradient_checkpointing_func
+        )
+    batch = _batch(24)
+    all_loss, all_grads = loss_and_gradients(model, batch)
+    assert len(checkpoints) == len(layers)
+
+    layer_compile.set_uncheckpointed_layers(model, 1)
+    assert [layer.gradient_checkpointing for layer in layers] == [True] * (len(layers) - 1) + [False]
+    checkpoints.clear()
+    loss, grads = loss_and_gradients(model, batch)
+    assert len(checkpoints) == len(layers) - 1  # the last layer ran once, its activations kept
+    torch.testing.assert_close(loss, all_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, all_grads[name])
+    layer_compile.set_uncheckpointed_layers(model, 0)  # the bench's next setting: every layer again
+    assert all(layer.gradient_checkpointing for layer in layers)
+    with pytest.raises(
+        ConfigError, match=rf"uncheckpointed_layers={len(layers)}: .* Fix: at most {len(layers) - 1}"
+    ):
+        layer_compile.set_uncheckpointed_layers(model, len(layers))
+
+
+def test_uncheckpointed_layers_need_checkpointing_and_sft() -> None:
+    with pytest.raises(
+        ConfigError, match=r"model\.uncheckpointed_layers: is 2 but model\.gradient_checkpointing=false"
+    ):
+        ModelConfig(name_or_path="x", gradient_checkpointing=False, uncheckpointed_layers=2)
+    model = tiny_lora_model("tiny-gemma2", "eager", "model.gradient_checkpointing=false")
+    with pytest.raises(ConfigError, match="gradient checkpointing is off"):
+        layer_compile.set_uncheckpointed_layers(model, 1)
+    with pytest.raises(ConfigError, match=r"uncheckpointed_layers: is 1, but dpo's trainer \(TRL\)"):
+        to_schema(
+            compose_config(
+                "experiment=dpo_smoke", "model.gradient_checkpointing=true", "model.uncheckpointed_layers=1"
+            )
+        )
+    kept = to_schema(
+        compose_config(
+            "experiment=smoke", "model.gradient_checkpointing=true", "model.uncheckpointed_layers=1"
+        )
+    )
+    assert kept.model.uncheckpointed_layers == 1
+    defaults = standard_settings(ModelConfig(name_or_path="x"), 8)[2]
+    assert parse_setting("keep2:uncheckpointed=2", defaults).uncheckpointed_layers == 2

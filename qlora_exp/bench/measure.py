@@ -26,13 +26,18 @@ from transformers import (
     set_seed,
 )
 
-from qlora_exp.attention import set_flex_block_size, trainable_attention
+from qlora_exp.attention import set_flex_attention, trainable_attention
 from qlora_exp.bench.options import BenchOptions
 from qlora_exp.bench.recorder import StepRecorder
 from qlora_exp.bench.settings import Setting
 from qlora_exp.data.packing import FlatteningCollator, build_collator
 from qlora_exp.guards import NonFiniteGuard, QuantizedWeightGuard
-from qlora_exp.layer_compile import compile_decoder_layers, layers_compile, uncompile_decoder_layers
+from qlora_exp.layer_compile import (
+    compile_decoder_layers,
+    layers_compile,
+    set_uncheckpointed_layers,
+    uncompile_decoder_layers,
+)
 from qlora_exp.model import apply_liger, attach_lora, load_trainable_base
 from qlora_exp.multimodal import attention_implementations
 from qlora_exp.precision import resolve_compute_dtype, set_unquantized_precision
@@ -152,6 +157,8 @@ def load_shared_base(model_cfg: ModelConfig, attn_implementation: str) -> PreTra
             fp32_residual=False,
             attn_implementation=attn_implementation,
             flex_block_size=None,
+            flex_kernel_options=None,
+            uncheckpointed_layers=0,
         )
     )
 
@@ -163,7 +170,7 @@ def prepare_base(base: PreTrainedModel, setting: Setting, compute_dtype: str) ->
     because the checkpoint holds them in the compute dtype. Liger cannot be undone (order_settings).
     """
     base.set_attn_implementation(attention_implementations(base.config, setting.attn_implementation))
-    set_flex_block_size(base, setting.flex_block_size)
+    set_flex_attention(base, setting.flex_block_size, setting.flex_kernel_options)
     hooks = set_unquantized_precision(
         base,
         upcast=setting.upcast_unquantized_params,
@@ -174,6 +181,7 @@ def prepare_base(base: PreTrainedModel, setting: Setting, compute_dtype: str) ->
         apply_liger(base, layer_kernels=not setting.compile_layers)
     if setting.compile_layers:
         compile_decoder_layers(base)
+    set_uncheckpointed_layers(base, setting.uncheckpointed_layers)
     return hooks
 
 
@@ -315,6 +323,7 @@ def run_setting(setting: Setting, shared: Shared) -> SettingResult:
         setting,
         attn_implementation=attention,
         flex_block_size=setting.flex_block_size if attention == "flex_attention" else None,
+        flex_kernel_options=setting.flex_kernel_options if attention == "flex_attention" else None,
         compile_layers=layers_compile(setting.compile_layers),
     )
     plan = plan_steps(setting, shared.options)

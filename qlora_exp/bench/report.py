@@ -52,10 +52,20 @@ def markdown_table(results: list[SettingResult], loss_steps: int) -> str:
 
 
 def _attention(s: Setting) -> str:
-    """The attention, with flex attention's block size where the setting sets one."""
-    if s.attn_implementation == "flex_attention" and s.flex_block_size is not None:
-        return f"flex_attention, {s.flex_block_size}-blocks"
-    return s.attn_implementation
+    """The attention, with flex attention's block size and kernel options where the setting sets them."""
+    if s.attn_implementation != "flex_attention":
+        return s.attn_implementation
+    parts = ["flex_attention"]
+    if s.flex_block_size is not None:
+        parts.append(f"{s.flex_block_size}-blocks")
+    parts += [f"{name}={value}" for name, value in (s.flex_kernel_options or {}).items()]
+    return ", ".join(parts)
+
+
+def _layers(s: Setting) -> str:
+    """How the decoder layers run: compiled or eager, and how many keep their activations."""
+    kept = f", last {s.uncheckpointed_layers} not checkpointed" if s.uncheckpointed_layers else ""
+    return ("compiled" if s.compile_layers else "eager") + kept
 
 
 def table_row(r: SettingResult, speed_ref: SettingResult | None, loss_ref: SettingResult | None) -> str:
@@ -66,7 +76,7 @@ def table_row(r: SettingResult, speed_ref: SettingResult | None, loss_ref: Setti
     )
     lead = (
         f"| {s.name} | {s.layout} | {accumulation} | {_attention(s)} | "
-        f"{_on(s.use_liger_kernel)} | {'compiled' if s.compile_layers else 'eager'} | {_precision(s)} | "
+        f"{_on(s.use_liger_kernel)} | {_layers(s)} | {_precision(s)} | "
         f"{s.optim} | {_fmt(s.lora_dropout, 'g')} | "
     )
     if r.error:

@@ -14,7 +14,7 @@ from typing import Any
 from qlora_exp.errors import ConfigError
 from qlora_exp.model import check_liger
 from qlora_exp.schema import ModelConfig
-from qlora_exp.schema.model import flex_block_size_problem
+from qlora_exp.schema.model import flex_block_size_problem, flex_kernel_options_problem
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,9 @@ PROTOTYPE_MAX_LENGTH = 512  # the prototype's data.max_length: its rows were pad
 # and 4 x 64 of them would take most of a 10-minute command.
 PROTOTYPE_EXAMPLES_PER_STEP = 16
 EXTRA_KEYS = (
-    "layout=, micro_batch=N, attn=, flex_block=N|default, liger=0|1, upcast=0|1, fp32_residual=0|1, "
-    "compile=0|1, lora_dropout=P, optim=NAME"
+    "layout=, micro_batch=N, attn=, flex_block=N|default, flex_options=NAME=V+...|default, liger=0|1, "
+    "upcast=0|1, fp32_residual=0|1, "
+    "compile=0|1, uncheckpointed=N, lora_dropout=P, optim=NAME"
 )
 
 
@@ -44,6 +45,8 @@ class Setting:
     fp32_residual: bool = False
     compile_layers: bool = False
     flex_block_size: int | None = None  # None: torch's default (128)
+    flex_kernel_options: dict[str, Any] | None = None  # None: torch's tiles for the GPU
+    uncheckpointed_layers: int = 0  # the last N decoder layers not checkpointed
     lora_dropout: float | None = None  # None: the LoRA defaults' (select_settings resolves it)
     optim: str | None = None  # None: --optim
     examples_per_step: int | None = None  # None: --examples-per-step
@@ -75,6 +78,15 @@ class Setting:
                 f"setting {self.name}: flex_block={self.flex_block_size} with "
                 f"attn={self.attn_implementation}. "
                 "Fix: a multiple of 16 (e.g. 64), with attn=flex_attention only"
+            )
+        problem = flex_kernel_options_problem(
+            self.attn_implementation, self.flex_block_size, self.flex_kernel_options
+        )
+        if problem:
+            raise ConfigError(
+                f"setting {self.name}: flex_options {problem}. "
+                "Fix: speed options of flex attention's kernels (e.g. flex_options=bwd_num_warps=8), "
+                "with attn=flex_attention only"
             )
         if self.micro_batch < 1 or examples_per_step % self.micro_batch:
             raise ConfigError(
@@ -118,6 +130,8 @@ def standard_settings(
             fp32_residual=model_cfg.fp32_residual,
             compile_layers=model_cfg.compile_layers,
             flex_block_size=model_cfg.flex_block_size,
+            flex_kernel_options=model_cfg.flex_kernel_options,
+            uncheckpointed_layers=model_cfg.uncheckpointed_layers,
             description="the model preset's switches; one micro-batch per step, flattened without padding",
         ),
     ]
@@ -147,6 +161,10 @@ def parse_setting(spec: str, base: Setting) -> Setting:
             changes["compile_layers"] = value == "1"
         elif key == "flex_block" and (value.isdigit() or value == "default"):
             changes["flex_block_size"] = None if value == "default" else int(value)
+        elif key == "flex_options" and value:
+            changes["flex_kernel_options"] = None if value == "default" else _kernel_options(value)
+        elif key == "uncheckpointed" and value.isdigit():
+            changes["uncheckpointed_layers"] = int(value)
         elif key == "lora_dropout" and _is_dropout(value):
             changes["lora_dropout"] = float(value)
         elif key == "optim" and value:
@@ -208,3 +226,14 @@ def select_settings(
     if len({s.name for s in settings}) != len(settings):
         raise ConfigError("setting names repeat. Fix: give each --extra its own NAME")
     return order_settings(settings)
+
+
+def _kernel_options(value: str) -> dict[str, Any]:
+    """`NAME=V+NAME=V` (flex_options=): integers, or true/false; Setting.validate checks the names."""
+    options: dict[str, Any] = {}
+    for item in value.split("+"):
+        name, _, raw = item.partition("=")
+        options[name] = {"true": True, "false": False}.get(
+            raw.lower(), int(raw) if raw.lstrip("-").isdigit() else raw
+        )
+    return options

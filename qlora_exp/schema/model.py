@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -24,6 +25,60 @@ def flex_block_size_problem(attn_implementation: str, size: int | None) -> str |
     return None
 
 
+# flex_attention's kernel_options that change only speed, by the kernels they apply to: its tiles,
+# warps, pipeline stages and TMA loads. Options that change results (PRESCALE_QK rounds differently,
+# ROWS_GUARANTEED_SAFE skips a guard) are not passed.
+FLEX_TILE_OPTIONS = {
+    "BLOCK_M": ("fwd",),
+    "BLOCK_N": ("fwd",),
+    **dict.fromkeys(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"), ("bwd",)),
+}
+FLEX_KERNEL_OPTIONS = {
+    **FLEX_TILE_OPTIONS,
+    **dict.fromkeys(("num_warps", "num_stages", "USE_TMA"), ("fwd", "bwd")),
+}
+TORCH_FLEX_BLOCK_SIZE = 128  # torch's block mask default (model.flex_block_size=null)
+
+
+def flex_kernel_options_problem(
+    attn_implementation: str, block_size: int | None, options: dict[str, Any] | None
+) -> str | None:
+    """Why `options` cannot be flex attention's kernel options (None: they can). Each is one of
+    FLEX_KERNEL_OPTIONS, alone (every kernel it applies to) or as fwd_NAME / bwd_NAME; a tile must
+    divide the block (`block_size`, or torch's 128) and the backward's tiles nest as its kernel asserts."""
+    if not options:
+        return None
+    if attn_implementation != "flex_attention":
+        return f"are set but the attention is {attn_implementation}, which has no flex kernels"
+    for key, value in options.items():
+        if problem := _flex_option_problem(key, value, block_size or TORCH_FLEX_BLOCK_SIZE):
+            return problem
+    tiles = {key.removeprefix("bwd_"): value for key, value in options.items()}
+    if tiles.get("BLOCK_N1", 0) % tiles.get("BLOCK_M1", 1) or tiles.get("BLOCK_M2", 0) % tiles.get(
+        "BLOCK_N2", 1
+    ):
+        return "the backward's tiles must nest: BLOCK_N1 a multiple of BLOCK_M1, BLOCK_M2 of BLOCK_N2"
+    return None
+
+
+def _flex_option_problem(key: str, value: Any, block_size: int) -> str | None:
+    """What is wrong with one flex kernel option (None: nothing)."""
+    direction, _, name = key.partition("_") if key.startswith(("fwd_", "bwd_")) else ("", "", key)
+    if name not in FLEX_KERNEL_OPTIONS or (direction and direction not in FLEX_KERNEL_OPTIONS[name]):
+        names = ", ".join(f"{n} ({'/'.join(FLEX_KERNEL_OPTIONS[n])})" for n in FLEX_KERNEL_OPTIONS)
+        return (
+            f"has {key!r}, not a speed option of flex attention's kernels; these are {names}, "
+            "alone or as fwd_NAME/bwd_NAME"
+        )
+    if name == "USE_TMA":
+        return None if isinstance(value, bool) else f"{key} must be true or false, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"{key} must be a positive integer, got {value!r}"
+    if name in FLEX_TILE_OPTIONS and (value < 16 or value & (value - 1) or block_size % value):
+        return f"{key}={value}: a tile must be a power of two >= 16 dividing the {block_size}-position blocks"
+    return None
+
+
 @dataclass
 class ModelConfig:
     """Which base model to load and how to quantize it."""
@@ -42,6 +97,10 @@ class ModelConfig:
     # FSDP shards 4-bit weights only when they are stored in the compute dtype.
     bnb_4bit_quant_storage: str | None = None
     gradient_checkpointing: bool = True
+    # With gradient checkpointing: the last N decoder layers keep their activations for the backward
+    # instead of recomputing them, each one layer's forward faster per step for one layer's
+    # activations of memory (qlora_exp/layer_compile.py: set_uncheckpointed_layers).
+    uncheckpointed_layers: int = 0
     # Liger's Triton kernels for this architecture (RMSNorm, RoPE, GeGLU/SwiGLU, and a fused
     # linear + cross-entropy loss that never materialises the vocabulary-sized logits). CUDA only.
     use_liger_kernel: bool = False
@@ -74,6 +133,10 @@ class ModelConfig:
     # skip more of what a padding-free row's mask rules out; flex's kernel tiles must divide it
     # (qlora_exp/attention.py: 64 fits 256-wide heads on an H100/H200, not 128-wide ones).
     flex_block_size: int | None = None
+    # torch's flex_attention kernel_options for this model's flex calls (null: torch's tiles for the
+    # GPU): speed only (FLEX_KERNEL_OPTIONS), e.g. {bwd_num_warps: 8}. Tuned per GPU and head width:
+    # benchmarks/flex_tiles.py times candidates; docs/models.md.
+    flex_kernel_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.name_or_path), "model.name_or_path", "is empty", "name a hub id or a local dir")
@@ -98,6 +161,19 @@ class ModelConfig:
             "them to fp32",
             "also set model.upcast_unquantized_params=false (experts in the compute dtype)",
         )
+        require(
+            self.uncheckpointed_layers >= 0,
+            "model.uncheckpointed_layers",
+            f"must be >= 0, got {self.uncheckpointed_layers}",
+            "0 checkpoints every layer",
+        )
+        require(
+            self.gradient_checkpointing or not self.uncheckpointed_layers,
+            "model.uncheckpointed_layers",
+            f"is {self.uncheckpointed_layers} but model.gradient_checkpointing=false, so every layer "
+            "keeps its activations already",
+            "model.uncheckpointed_layers=0, or model.gradient_checkpointing=true",
+        )
         require_choice(self.attn_implementation, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
         problem = flex_block_size_problem(self.attn_implementation, self.flex_block_size)
         require(
@@ -105,6 +181,16 @@ class ModelConfig:
             "model.flex_block_size",
             problem or "",
             "a multiple of 16 (64, or torch's 128) with model.attn_implementation=flex_attention, or null",
+        )
+        problem = flex_kernel_options_problem(
+            self.attn_implementation, self.flex_block_size, self.flex_kernel_options
+        )
+        require(
+            problem is None,
+            "model.flex_kernel_options",
+            problem or "",
+            "only speed options of flex attention's kernels (e.g. {bwd_num_warps: 8}) with "
+            "model.attn_implementation=flex_attention, or null for torch's own",
         )
         require_choice(self.bnb_4bit_quant_type, "model.bnb_4bit_quant_type", ("nf4", "fp4"))
         require_choice(self.bnb_4bit_compute_dtype, "model.bnb_4bit_compute_dtype", COMPUTE_DTYPES)

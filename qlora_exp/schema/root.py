@@ -62,6 +62,14 @@ class Config:
         )
         if self.method.preference:
             self._check_preference_data()
+            # TRL's trainer enables checkpointing on every layer again when it starts.
+            require(
+                not self.model.uncheckpointed_layers,
+                "model.uncheckpointed_layers",
+                f"is {self.model.uncheckpointed_layers}, but {self.method.name}'s trainer (TRL) checkpoints "
+                "every layer again when it starts",
+                "model.uncheckpointed_layers=0 with a preference method",
+            )
         else:
             require(
                 self.data.format != "preference",
