@@ -91,10 +91,10 @@ def test_two_jobs_as_ray_tasks_on_the_cpu(tmp_path: Path) -> None:
 
 
 def test_gpu_share_runs_as_many_jobs_as_fit_or_refuses() -> None:
-    h200, peak = 139.8, 21.0  # GiB: an H200, experiments/gemma2_9b_gpu.yaml's measured peak
-    assert choose_jobs_per_gpu(None, peak, h200, overhead_gb=3.0) == 5  # 139.8 // 24
+    h200, peak = 139.8, 23.5  # GiB: an H200, experiments/gemma2_9b_gpu.yaml's measured peak
+    assert choose_jobs_per_gpu(None, peak, h200, overhead_gb=3.0) == 5  # 139.8 // 26.5
     assert choose_jobs_per_gpu(4, peak, h200, overhead_gb=3.0) == 4
-    with pytest.raises(ConfigError, match=r"6 job\(s\) of 21 GiB.*need 144.0 GiB.*jobs_per_gpu=5"):
+    with pytest.raises(ConfigError, match=r"6 job\(s\) of 23.5 GiB.*need 159.0 GiB.*jobs_per_gpu=5"):
         choose_jobs_per_gpu(6, peak, h200, overhead_gb=3.0)
     with pytest.raises(ConfigError, match="a smaller batch or a larger GPU"):
         choose_jobs_per_gpu(None, 30.0, 24.0)
@@ -110,7 +110,7 @@ def test_gpu_share_runs_as_many_jobs_as_fit_or_refuses() -> None:
 def test_gpu_share_preset_is_joblib_sized_by_the_experiments_peak_memory() -> None:
     launcher = hydra_config("hydra/launcher=gpu_share", "experiment=gemma2_9b_gpu").hydra.launcher
     assert launcher._target_.endswith("GpuShareLauncher")
-    assert launcher.job_memory_gb == 21  # the preset's peak_memory_gb
+    assert launcher.job_memory_gb == 23.5  # the preset's peak_memory_gb
     assert launcher.prefer == "processes"  # hydra-joblib-launcher's own settings are kept
     assert instantiate(launcher, gpu_memory_gb=139.8).joblib["n_jobs"] == 5
     # Hydra wraps what the launcher raises (InstantiationException), message included.
