@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pexpect
 import pytest
@@ -20,9 +23,9 @@ PROMPT = USER_PROMPT.encode()
 REPLY = REPLY_PREFIX.encode()
 
 
-def spawn_chat(run_dir: Path, *args: str) -> pexpect.spawn:
+def spawn_chat(run_dir: Path, *args: str, **spawn: Any) -> pexpect.spawn:
     child = pexpect.spawn(
-        CHAT, [str(run_dir), *args], env=dict(os.environ), timeout=180, dimensions=(40, 200)
+        CHAT, [str(run_dir), *args], env=dict(os.environ), timeout=180, dimensions=(40, 200), **spawn
     )
     child.expect_exact(PROMPT)  # the model is loaded
     return child
@@ -55,7 +58,10 @@ def test_a_conversation_survives_odd_input_and_ends_on_ctrl_d(smoke_run: Path) -
 
 @pytest.mark.slow
 def test_ctrl_c_while_the_model_answers_ends_cleanly(smoke_run: Path) -> None:
-    child = spawn_chat(smoke_run, "--max-new-tokens", "4000")
+    # Started with SIGINT ignored, as a launcher or job runner may leave it (and as the worker that ran
+    # in-process launchers, at times in this suite): Python would keep ignoring it, the chat must not.
+    ignore_sigint = partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    child = spawn_chat(smoke_run, "--max-new-tokens", "4000", preexec_fn=ignore_sigint)
     child.sendline(b"Tell me a long story.")
     child.expect_exact(REPLY)
     child.sendintr()

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import readline  # noqa: F401  gives input() line editing and history
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     args = parse_args(argv)
     configure_cli_logging()
+    # Ctrl-C ends the chat even where the parent started it with SIGINT ignored (Python then keeps it
+    # ignored: a launcher, a job runner, nohup): Python's own handler, which raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # Undecodable bytes typed or piped in, or text the terminal cannot show, must not end the chat.
     for stream in (sys.stdin, sys.stdout):
         if hasattr(stream, "reconfigure"):
