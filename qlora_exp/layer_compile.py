@@ -114,7 +114,8 @@ def set_uncheckpointed_layers(model: torch.nn.Module, count: int) -> None:
         )
     if checkpointing:
         for index, layer in enumerate(layers):
-            layer.gradient_checkpointing = index < len(layers) - count
+            # transformers' own flag, read by each layer as it runs (GradientCheckpointingLayer)
+            setattr(layer, "gradient_checkpointing", index < len(layers) - count)  # noqa: B010
     if count:
         log.info(
             "model.uncheckpointed_layers: the last %d of %d decoder layers keep their activations",
