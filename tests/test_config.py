@@ -142,11 +142,43 @@ def test_gemma3_prototype_is_the_reviewed_experiment_on_the_other_model() -> Non
         ("tracking.mode=sometimes", "tracking.mode"),
         ("model.flex_block_size=64", "model.flex_block_size"),  # eager attention: no block mask
         ("model.attn_implementation=flex_attention model.flex_block_size=40", "model.flex_block_size"),
+        (
+            "model.flex_kernel_options={bwd_num_warps:8}",
+            "model.flex_kernel_options",
+        ),  # eager: no flex kernels
+        ("model.attn_implementation=flex_attention model.flex_kernel_options=8", "model.flex_kernel_options"),
+        ("model.uncheckpointed_layers=2", "model.uncheckpointed_layers"),  # the tiny model: no checkpointing
     ],
 )
 def test_impossible_values_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         to_schema(compose_config(*override.split()))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "options"),
+    [
+        (
+            ("model.attn_implementation=flex_attention", "model.flex_kernel_options={bwd_num_warps:8}"),
+            {"bwd_num_warps": 8},
+        ),
+        (
+            ("model.attn_implementation=flex_attention", "+model.flex_kernel_options.bwd_num_warps=8"),
+            {"bwd_num_warps": 8},
+        ),
+        (("model=gemma2_9b_it",), {"bwd_num_warps": 8}),
+        (("model=gemma2_9b_it", "model.flex_kernel_options.bwd_num_warps=4"), {"bwd_num_warps": 4}),
+        (
+            ("model=gemma2_9b_it", "+model.flex_kernel_options.USE_TMA=true"),
+            {"bwd_num_warps": 8, "USE_TMA": True},
+        ),
+        (("model=gemma2_9b_it", "model.flex_kernel_options=null"), None),
+    ],
+)
+def test_flex_kernel_options_are_set_changed_and_dropped_from_the_command_line(
+    overrides: tuple[str, ...], options: dict | None
+) -> None:
+    assert to_schema(compose_config(*overrides)).model.flex_kernel_options == options
 
 
 def test_cli_rejects_an_unknown_key_before_loading_anything(tmp_path: Path) -> None:

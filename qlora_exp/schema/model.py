@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,14 +41,14 @@ FLEX_KERNEL_OPTIONS = {
 TORCH_FLEX_BLOCK_SIZE = 128  # torch's block mask default (model.flex_block_size=null)
 
 
-def flex_kernel_options_problem(
-    attn_implementation: str, block_size: int | None, options: dict[str, Any] | None
-) -> str | None:
+def flex_kernel_options_problem(attn_implementation: str, block_size: int | None, options: Any) -> str | None:
     """Why `options` cannot be flex attention's kernel options (None: they can). Each is one of
     FLEX_KERNEL_OPTIONS, alone (every kernel it applies to) or as fwd_NAME / bwd_NAME; a tile must
     divide the block (`block_size`, or torch's 128) and the backward's tiles nest as its kernel asserts."""
-    if not options:
+    if options is None or options == {}:
         return None
+    if not isinstance(options, Mapping):
+        return f"must be a mapping of option names to values, e.g. {{bwd_num_warps: 8}}, got {options!r}"
     if attn_implementation != "flex_attention":
         return f"are set but the attention is {attn_implementation}, which has no flex kernels"
     for key, value in options.items():
@@ -135,8 +136,9 @@ class ModelConfig:
     flex_block_size: int | None = None
     # torch's flex_attention kernel_options for this model's flex calls (null: torch's tiles for the
     # GPU): speed only (FLEX_KERNEL_OPTIONS), e.g. {bwd_num_warps: 8}. Tuned per GPU and head width:
-    # benchmarks/flex_tiles.py times candidates; docs/models.md.
-    flex_kernel_options: dict[str, Any] | None = None
+    # benchmarks/flex_tiles.py times candidates; docs/models.md. A mapping or null, typed Any: OmegaConf
+    # cannot assign a mapping (model.flex_kernel_options={...}) to an Optional[Dict] field holding null.
+    flex_kernel_options: Any = None
 
     def __post_init__(self) -> None:
         require(bool(self.name_or_path), "model.name_or_path", "is empty", "name a hub id or a local dir")
