@@ -45,15 +45,18 @@ _EAGER_FORWARD = "_qlora_eager_forward"
 _PROCESS = {"compiled_before": False}
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated decoder layers of a causal LM (inside peft's wrapper too), or a ConfigError."""
+def decoder_layers(
+    model: torch.nn.Module, key: str = "model.compile_layers", off: str = "false"
+) -> list[torch.nn.Module]:
+    """The repeated decoder layers of a causal LM (inside peft's wrapper too), or a ConfigError naming
+    the setting `key` that needs them and its value `off` that does without."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     get_decoder = getattr(base, "get_decoder", None)
     layers = getattr(get_decoder() if callable(get_decoder) else None, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         raise ConfigError(
-            f"model.compile_layers: {type(base).__name__} has no decoder `layers` list to compile. "
-            "Fix: model.compile_layers=false for this architecture"
+            f"{key}: {type(base).__name__} has no decoder `layers` list. "
+            f"Fix: {key}={off} for this architecture"
         )
     return list(layers)
 
@@ -97,9 +100,9 @@ def set_uncheckpointed_layers(model: torch.nn.Module, count: int) -> None:
     frees them before it recomputes any other layer.
 
     By hand: transformers' own selection (`every_n_layers`) checkpoints every n-th layer, which frees
-    half the layers' activations or more at once (~1.7 GB each for a Gemma-2-9B step); this keeps
+    half the layers' activations or more at once (~1.2 GiB each for a Gemma-2-9B step); this keeps
     just as many as the memory allows."""
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, "model.uncheckpointed_layers", "0")
     checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
     if count and not checkpointing:
         raise ConfigError(

@@ -102,6 +102,10 @@ def test_without_cuda_the_layers_stay_uncompiled_with_a_warning(
 def test_a_model_without_decoder_layers_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"model\.compile_layers: Linear has no decoder `layers`.*Fix"):
         layer_compile.compile_decoder_layers(torch.nn.Linear(2, 2))
+    with pytest.raises(
+        ConfigError, match=r"uncheckpointed_layers: Linear has no .*Fix: model\.uncheckpointed_layers=0 "
+    ):
+        layer_compile.set_uncheckpointed_layers(torch.nn.Linear(2, 2), 1)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
