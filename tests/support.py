@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from wandb.util import get_core_path
 
+from qlora_exp.cli import imports_done
 from qlora_exp.cli.train import CONF_DIR
 from qlora_exp.embedded import resolve_embedded
 from qlora_exp.experiment import run_job
@@ -63,14 +64,13 @@ TINY_RUN = (
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Move everything the imports and the collection made (~600k objects: torch, transformers, W&B,
-    the test modules) into the garbage collector's permanent generation, which collections skip. A
-    full collection walks every other tracked object: 0.4-0.5 CPU-s with these, and every run makes
-    some (run_job's, accelerate's at the end of training, Python's own as long-lived objects grow),
-    up to half the CPU time of a short in-process run. These objects live until the worker exits
-    anyway; what the tests create is collected as before."""
+    """Freeze everything the imports and the collection made (~600k objects: torch, transformers, W&B,
+    the test modules) and turn the garbage collector back on, as a console script does once its imports
+    are in (`qlora_exp.cli.imports_done`: a full collection walks every other tracked object, 0.4-0.5
+    CPU-s with these; every run makes some). The collection's own garbage is collected first. These
+    objects live until the worker exits anyway; what the tests create is collected as before."""
     gc.collect()
-    gc.freeze()
+    imports_done()
 
 
 # The longest end-to-end tests on 2 cores (their own processes: Ray, submitit, signals, torchrun; the

@@ -21,6 +21,7 @@ import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase, TextStreamer, set_seed
 
+from qlora_exp.cli import imports_done
 from qlora_exp.cli.common import configure_cli_logging
 from qlora_exp.cli.generate import add_decoding_arguments, decoding_config
 from qlora_exp.errors import exit_on_error
@@ -144,6 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
+    imports_done()
     args = parse_args(argv)
     configure_cli_logging()
     # Ctrl-C ends the chat even where the parent started it with SIGINT ignored (Python then keeps it

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qlora_exp.cli import imports_done
 from qlora_exp.cli.common import configure_cli_logging
 from qlora_exp.comparison.jobs import RunDiff, diff_runs
 from qlora_exp.comparison.table import Comparison, build_comparison, write_comparison
@@ -54,6 +55,7 @@ def run_path(name: Path, sweep_dir: Path | None) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of `qlora-compare`."""
+    imports_done()
     parser = argparse.ArgumentParser(prog="qlora-compare", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, nargs="?", help="hydra.sweep.dir of a `qlora-train -m` run")
     parser.add_argument("--metric", help=f"metrics.json key to rank by ({DEFAULT_METRIC})")

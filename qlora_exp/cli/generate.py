@@ -18,6 +18,7 @@ from typing import Any
 
 from transformers import set_seed
 
+from qlora_exp.cli import imports_done
 from qlora_exp.cli.common import configure_cli_logging
 from qlora_exp.errors import DataError, exit_on_error
 from qlora_exp.generation import Message, generate_replies
@@ -113,6 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
+    imports_done()
     args = parse_args(argv)
     configure_cli_logging()
     with exit_on_error():

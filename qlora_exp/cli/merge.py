@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_exp.cli import imports_done
 from qlora_exp.cli.common import configure_cli_logging
 from qlora_exp.errors import RunDirectoryError, exit_on_error
 from qlora_exp.run.finished import FinishedRun
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
+    imports_done()
     args = parse_args(argv)
     configure_cli_logging()
     with exit_on_error():

@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from qlora_exp.cli import imports_done
 from qlora_exp.cli.common import configure_cli_logging
 from qlora_exp.errors import SyncError, exit_on_error
 from qlora_exp.run.offline_runs import find_offline_runs, sync_command, sync_runs
@@ -34,6 +35,7 @@ def positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of `qlora-sync`."""
+    imports_done()
     parser = argparse.ArgumentParser(prog="qlora-sync", description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="a hydra.sweep.dir (jobs, comparison run) or a run dir")
     parser.add_argument("--jobs", "-j", type=positive_int, default=DEFAULT_JOBS, help="runs synced at once")

@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from qlora_exp.cli import imports_done
 from qlora_exp.experiment import run_job
 from qlora_exp.run.context import RunContext
 from qlora_exp.run.distributed import run_stamp
@@ -44,6 +45,7 @@ def hydra_run_context() -> RunContext:
 def main(cfg: DictConfig) -> float | JobFailure:
     """Console entry point; failures become documented exit codes (README, "Exit codes"),
     or, inside a sweep, a JobFailure so that the other jobs still run."""
+    imports_done()
     return run_job(cfg, hydra_run_context())
 
 
