@@ -10,8 +10,8 @@ PYTEST_ARGS ?=
 # pytest-xdist: two workers more than the CPUs this process may use (nproc: not xdist's `auto`, which
 # counts physical cores, 1 on a 2-vCPU VM of one hyper-threaded core), at most 4 (each holds its own
 # torch and models). The extra workers fill the cores while others wait on processes they started
-# (Ray, submitit, torchrun, the chat terminal): on 2 cores 5m07s with 4 workers, 5m34s with 3, 6m10s
-# with 2 (README, "Tests"). Each worker is given the next test (or xdist_group of tests sharing an
+# (Ray, submitit, torchrun, the chat terminal): on 2 cores 4m31s with 4 workers, 4m27s with 3 using
+# ~7% less CPU (README, "Tests"). Each worker is given the next test (or xdist_group of tests sharing an
 # expensive fixture) in collection order, the longest end-to-end tests first (tests/support.py).
 # TEST_WORKERS= runs it in one process.
 TEST_CPUS := $(shell n=$$(( $$(nproc 2>/dev/null || echo 2) + 2 )); [ $$n -gt 4 ] && n=4; echo $$n)
