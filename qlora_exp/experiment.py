@@ -147,8 +147,9 @@ def run_job(cfg: DictConfig, run: RunContext) -> float | JobFailure:
         return end_failed_job(code, exc, run)
     finally:
         # The run's model and trainer are unreachable now; free them (they hold reference cycles) and
-        # their GPU memory before a sweep's next job, once: a full collection costs ~0.5 CPU-s
-        # with torch and transformers imported.
+        # their GPU memory before a sweep's next job freezes what is alive (`cli.imports_done`). Once
+        # the imports are frozen, the collection walks only the job's own objects: the imports alone
+        # cost 0.41 CPU-s to walk unfrozen, ~0 frozen.
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
